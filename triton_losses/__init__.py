@@ -1,0 +1,13 @@
+"""triton-losses: fused Triton GPU kernels for PyTorch losses, with a pure-PyTorch fallback.
+
+The functions mirror ``torch.nn.functional``; the modules in :mod:`triton_losses.nn` mirror
+``torch.nn``. Nothing is imported from triton, and no device is queried, at import time.
+"""
+
+from . import nn
+from .cross_entropy import cross_entropy, nll_loss
+from .softmax import log_softmax, softmax
+
+__version__ = "0.1.0"
+
+__all__ = ["cross_entropy", "log_softmax", "nll_loss", "nn", "softmax"]
