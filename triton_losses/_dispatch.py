@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from functools import cache
+import pkgutil
 
 import torch
 
@@ -23,14 +23,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@cache
+def _import_all(package: str) -> dict:
+    """Import every module of ``triton_losses.<package>``: ``{family: module}``."""
+    pkg = importlib.import_module(f"triton_losses.{package}")
+    return {
+        info.name: importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for info in pkgutil.iter_modules(pkg.__path__)
+        if not info.name.startswith("_") and info.name != "aot"
+    }
+
+
+# Imported with the package (torch.compile cannot trace an import); importing triton queries no
+# device. TRITON_INTERPRET must therefore be set before ``import triton_losses``.
+try:
+    importlib.import_module("triton")
+    _TRITON = True
+except ImportError:
+    _TRITON = False
+_IMPLEMENTATIONS = {"torch": _import_all("reference"), "triton": _import_all("kernels") if _TRITON else {}}
+
+
 def triton_available() -> bool:
-    """Whether ``triton`` can be imported (it is not on platforms without wheels)."""
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
+    """Whether ``triton`` could be imported (it has no wheels on some platforms)."""
+    return _TRITON
 
 
 def backend(*tensors: torch.Tensor | None, op: str, unsupported: str | None = None) -> str:
@@ -64,5 +79,4 @@ def backend(*tensors: torch.Tensor | None, op: str, unsupported: str | None = No
 
 def implementation(name: str, family: str):
     """The module implementing ``family`` (e.g. ``"cross_entropy"``) for backend ``name``."""
-    package = "kernels" if name == "triton" else "reference"
-    return importlib.import_module(f"triton_losses.{package}.{family}")
+    return _IMPLEMENTATIONS[name][family]

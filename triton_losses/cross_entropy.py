@@ -34,6 +34,12 @@ def _denominator(t: torch.Tensor, spec: CESpec, C: int, R: int, dtype: torch.dty
     return torch.where(valid, w, torch.zeros_like(w)).sum().reshape(1)
 
 
+def _op_options(options: tuple) -> tuple:
+    """``CESpec`` options as the custom ops take them (softcap 0.0 means none)."""
+    ignore_index, smoothing, z_loss, softcap, prob, logp = options
+    return ignore_index, smoothing, z_loss, 0.0 if softcap is None else softcap, prob, logp
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper of one cross-entropy / NLL call on ``(A, C, B)`` logits.
 
@@ -63,7 +69,11 @@ class CrossEntropyFunction(torch.autograd.Function):
             and not compiling()
         )
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if fused else None
-        loss_rows, lse = impl.ce_fwd(x, t, spec, coef, grad)
+        if backend == "triton" and compiling():
+            ops = _dispatch.implementation("triton", "ops")
+            loss_rows, lse = ops.ce_fwd_op(x, t, weight, wsum, coef, *_op_options(options))
+        else:
+            loss_rows, lse = impl.ce_fwd(x, t, spec, coef, grad)
         if reduction == "none":
             out = loss_rows.to(out_dtype)
         elif reduction == "sum":
@@ -92,8 +102,15 @@ class CrossEntropyFunction(torch.autograd.Function):
                 "cross_entropy(inplace_backward=True) overwrote the logits with their gradient in the "
                 "first backward; it cannot be backpropagated through twice"
             )
+        if ctx.backend == "triton" and compiling():
+            ops = _dispatch.implementation("triton", "ops")
+            want_tgrad = ctx.needs_input_grad[1]
+            grad, tgrad = ops.ce_bwd_op(
+                x, t, weight, wsum, lse, gout.contiguous(), coef, *_op_options(ctx.options), want_tgrad
+            )
+            return grad, tgrad if want_tgrad else None, None, None, None, None, None, None
         spec = CESpec(weight, wsum, *ctx.options)
-        inplace = ctx.inplace and ctx.needs_input_grad[0]
+        inplace = ctx.inplace and ctx.needs_input_grad[0] and not compiling()
         grad = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
         tgrad = torch.empty(t.shape, dtype=t.dtype, device=t.device) if ctx.needs_input_grad[1] else None
         impl.ce_bwd(x, t, spec, lse, gout.contiguous(), coef, grad, tgrad)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _dispatch
-from ._checks import FLOAT_DTYPES, as_3d
+from ._checks import FLOAT_DTYPES, as_3d, compiling
 
 __all__ = ["SoftmaxFunction", "log_softmax", "softmax"]
 
@@ -16,10 +16,11 @@ class SoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, log: bool):
-        from .kernels.softmax import softmax_fwd
-
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        softmax_fwd(x, y, log)
+        if compiling():
+            y = _dispatch.implementation("triton", "ops").softmax_fwd_op(x, log)
+        else:
+            y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            _dispatch.implementation("triton", "softmax").softmax_fwd(x, y, log)
         ctx.save_for_backward(y)
         ctx.log = log
         return y
@@ -27,11 +28,11 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        from .kernels.softmax import softmax_bwd
-
         (y,) = ctx.saved_tensors
+        if compiling():
+            return _dispatch.implementation("triton", "ops").softmax_bwd_op(y, g, ctx.log), None
         dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-        softmax_bwd(y, g, dx, ctx.log)
+        _dispatch.implementation("triton", "softmax").softmax_bwd(y, g, dx, ctx.log)
         return dx, None
 
 

@@ -1,0 +1,426 @@
+"""cross_entropy against torch in fp64, on the PyTorch reference and on the Triton kernels."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import triton_losses as tl_
+from tests.ce_reference import ref_cross_entropy
+from tests.helpers import budget_close
+
+REDUCTIONS = ["none", "mean", "sum"]
+# (input shape, class dim size): unbatched, 2-D, K-dim; C=1, a multi-block row, a strided K-dim row
+SHAPES = [(7,), (5, 7), (3, 11, 4), (2, 5, 3, 2), (4, 1), (3, 40, 5), (2, 5000)]
+
+
+def _target(shape, C, device, ignore_index=None, frac=0.25):
+    tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    t = torch.randint(0, C, tshape, device=device)
+    if ignore_index is not None and t.numel():
+        drop = torch.rand(tshape, device=device) < frac
+        t = torch.where(drop, torch.full_like(t, ignore_index), t)
+    return t
+
+
+def _run_both(x, t, reduction, dtype=torch.float32, **kw):
+    """Loss and input-gradient of ours (in ``dtype``), of torch (in ``dtype``) and of the fp64 oracle."""
+    xs = x.detach().to(dtype).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    ours = tl_.cross_entropy(xs, t, reduction=reduction, **kw)
+    ref = ref_cross_entropy(x64, t, reduction=reduction, **kw)
+    up = torch.randn(ref.shape, dtype=torch.float64, device=x.device) if reduction == "none" else None
+    if up is None:
+        up = torch.tensor(1.7, dtype=torch.float64, device=x.device)  # an upstream gradient != 1
+    (g_ours,) = torch.autograd.grad(ours, xs, up.to(ours.dtype))
+    (g_ref,) = torch.autograd.grad(ref, x64, up)
+    return ours, ref, g_ours, g_ref
+
+
+def _torch_lowp(x, t, reduction, dtype, up=None, **kw):
+    """torch's own result in ``dtype`` (its error sets the budget); None when torch lacks an option."""
+    if kw.get("z_loss") or kw.get("softcap") is not None:
+        return None, None
+    xs = x.detach().to(dtype).requires_grad_()
+    out = F.cross_entropy(xs, t, reduction=reduction, **kw)
+    up = torch.randn_like(out) if up is None else up
+    return out, torch.autograd.grad(out, xs, up)[0]
+
+
+OPTIONS = [
+    {},
+    {"weight": True},
+    {"ignore_index": 1},
+    {"ignore_index": -100, "frac": 0.3},
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 1.0},
+    {"z_loss": 1e-3},
+    {"softcap": 3.0},
+    {"weight": True, "ignore_index": 2, "label_smoothing": 0.2},
+    {"weight": True, "ignore_index": -100, "label_smoothing": 0.05, "z_loss": 1e-2, "softcap": 5.0},
+]
+
+
+def _options(opts, C, device):
+    kw = {k: v for k, v in opts.items() if k != "frac"}
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(C, device=device) + 0.1
+    return kw
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_index_targets_match_fp64(backend, device, shape, opts, reduction):
+    if shape == (2, 5000) and (opts.get("z_loss") or reduction == "sum"):
+        pytest.skip("one long-row case per option family keeps the interpreter tier fast")
+    C = shape[1] if len(shape) > 1 else shape[0]
+    kw = _options(opts, C, device)
+    ii = kw.get("ignore_index")
+    x = torch.randn(shape, device=device) * 3
+    t = _target(shape, C, device, ii, opts.get("frac", 0.25))
+    if "weight" in kw:
+        kw["weight"] = kw["weight"].float()
+    ours, ref, g_ours, g_ref = _run_both(x, t, reduction, **kw)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    budget_close(ours, ref)
+    budget_close(g_ours, g_ref)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "opts",
+    [{}, {"weight": True}, {"label_smoothing": 0.3}, {"weight": True, "label_smoothing": 0.1, "z_loss": 0.01}],
+    ids=lambda o: ",".join(o) or "plain",
+)
+@pytest.mark.parametrize("shape", [(6,), (4, 6), (2, 6, 3), (3, 40, 2)], ids=str)
+@pytest.mark.parametrize("normalised", [True, False])
+def test_probability_targets_match_fp64(backend, device, shape, opts, reduction, normalised):
+    C = shape[1] if len(shape) > 1 else shape[0]
+    kw = _options(opts, C, device)
+    cdim = 1 if len(shape) > 1 else 0
+    x = torch.randn(shape, device=device) * 2
+    p = torch.rand(shape, device=device)
+    p = p.softmax(cdim) if normalised else p * 1.5 - 0.2  # unnormalised, some negative
+    xs = x.clone().requires_grad_()
+    ts = p.clone().requires_grad_()
+    x64 = x.double().requires_grad_()
+    t64 = p.double().requires_grad_()
+    ours = tl_.cross_entropy(xs, ts, reduction=reduction, **kw)
+    ref = ref_cross_entropy(x64, t64, reduction=reduction, **kw)
+    up = torch.randn(ref.shape, dtype=torch.float64, device=device)
+    gx, gt = torch.autograd.grad(ours, (xs, ts), up.float())
+    rx, rt = torch.autograd.grad(ref, (x64, t64), up)
+    budget_close(ours, ref)
+    budget_close(gx, rx)
+    budget_close(gt, rt)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", [{}, {"weight": True, "ignore_index": 0}, {"label_smoothing": 0.2}], ids=str)
+def test_fp64_input_is_exact(backend, device, opts, reduction):
+    kw = _options(opts, 9, device)
+    if "weight" in kw:
+        kw["weight"] = kw["weight"].double()
+    x = torch.randn(6, 9, 2, device=device, dtype=torch.float64)
+    t = _target((6, 9, 2), 9, device, kw.get("ignore_index"))
+    ours, ref, g_ours, g_ref = _run_both(x, t, reduction, dtype=torch.float64, **kw)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, ref, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("opts", [{}, {"weight": True, "ignore_index": 1, "label_smoothing": 0.1}], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_low_precision_within_error_budget(backend, device, dtype, opts, reduction):
+    if device == "cpu" and dtype == torch.float16 and backend == "torch" and torch.__version__ < "2.1":
+        pytest.skip("old torch lacks fp16 CPU log_softmax")
+    C = 300
+    kw = _options(opts, C, device)
+    if "weight" in kw:
+        kw["weight"] = kw["weight"].to(dtype)
+    x = (torch.randn(16, C, device=device) * 4).to(dtype).float()  # representable in dtype
+    t = _target((16, C), C, device, kw.get("ignore_index"))
+    x64 = x.double().requires_grad_()
+    kw64 = dict(kw, weight=kw["weight"].double()) if "weight" in kw else kw
+    ref = ref_cross_entropy(x64, t, reduction=reduction, **kw64)
+    up = torch.rand(ref.shape, dtype=torch.float64, device=device) + 0.5
+    (g_ref,) = torch.autograd.grad(ref, x64, up)
+    xs = x.to(dtype).requires_grad_()
+    ours = tl_.cross_entropy(xs, t, reduction=reduction, **kw)
+    (g_ours,) = torch.autograd.grad(ours, xs, up.to(dtype))
+    lowp, g_lowp = _torch_lowp(x, t, reduction, dtype, up.to(dtype), **kw)
+    assert ours.dtype == dtype and g_ours.dtype == dtype
+    budget_close(ours, ref, lowp)
+    budget_close(g_ours, g_ref, g_lowp)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_targets_ignored(backend, device, reduction):
+    x = torch.randn(4, 6, device=device, requires_grad=True)
+    t = torch.full((4,), 2, device=device)
+    for kw in [{}, {"weight": torch.rand(6, device=device)}, {"label_smoothing": 0.3}]:
+        ours = tl_.cross_entropy(x, t, ignore_index=2, reduction=reduction, **kw)
+        ref = F.cross_entropy(x, t, ignore_index=2, reduction=reduction, **kw)
+        torch.testing.assert_close(ours, ref, equal_nan=True)
+        if reduction == "mean":
+            assert ours.isnan()
+        (g,) = torch.autograd.grad(ours.sum(), x)
+        (gr,) = torch.autograd.grad(ref.sum(), x)
+        torch.testing.assert_close(g, gr, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape,tshape", [((0, 5), (0,)), ((2, 5, 0), (2, 0)), ((0, 3, 4), (0, 4))])
+def test_empty_batch(backend, device, shape, tshape, reduction):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    t = torch.zeros(tshape, dtype=torch.long, device=device)
+    ours = tl_.cross_entropy(x, t, reduction=reduction)
+    ref = F.cross_entropy(x, t, reduction=reduction)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+    ours.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_nonfinite_logits_as_torch_defines_them(backend, device, smoothing):
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor(
+        [
+            [0.5, -inf, 1.0, 2.0],  # -inf at a non-target class: finite loss (inf with smoothing)
+            [0.5, -inf, 1.0, 2.0],  # -inf at the target: inf
+            [0.5, inf, 1.0, 2.0],  # +inf: NaN
+            [0.5, nan, 1.0, 2.0],  # NaN: NaN
+            [-inf, -inf, -inf, -inf],  # all -inf: NaN
+            [nan, 1.0, 1.0, 1.0],  # NaN in an ignored row: loss 0, gradient NaN
+            [1e30, -1e30, 0.0, 3.0],  # huge but finite
+        ],
+        device=device,
+        requires_grad=True,
+    )
+    t = torch.tensor([0, 1, 0, 0, 0, -100, 1], device=device)
+    ours = tl_.cross_entropy(x, t, reduction="none", label_smoothing=smoothing)
+    ref = F.cross_entropy(x.double(), t, reduction="none", label_smoothing=smoothing)
+    torch.testing.assert_close(ours.double(), ref, equal_nan=True)
+    up = torch.rand(7, device=device)
+    (g,) = torch.autograd.grad(ours, x, up)
+    xr = x.detach().double().requires_grad_()
+    (gr,) = torch.autograd.grad(F.cross_entropy(xr, t, reduction="none", label_smoothing=smoothing), xr, up.double())
+    torch.testing.assert_close(g.double(), gr, equal_nan=True)
+
+
+def test_ignore_index_semantics(backend, device):
+    x = torch.randn(8, 5, device=device)
+    for ii in (-100, -1, 3, 10):
+        t = torch.randint(0, 5, (8,), device=device)
+        t[::3] = ii if 0 <= ii < 5 or ii < 0 else 4
+        if ii < 0 or ii >= 5:
+            t[::3] = ii
+        for red in REDUCTIONS:
+            torch.testing.assert_close(
+                tl_.cross_entropy(x, t, ignore_index=ii, reduction=red),
+                F.cross_entropy(x, t, ignore_index=ii, reduction=red),
+            )
+
+
+def test_negative_and_zero_weights(backend, device):
+    x = torch.randn(6, 4, device=device)
+    t = torch.tensor([0, 1, 2, 3, 1, 0], device=device)
+    for w in (torch.tensor([1.0, -2.0, 0.5, 3.0]), torch.zeros(4)):
+        w = w.to(device)
+        for red in REDUCTIONS:
+            torch.testing.assert_close(
+                tl_.cross_entropy(x, t, weight=w, reduction=red),
+                F.cross_entropy(x, t, weight=w, reduction=red),
+                equal_nan=True,
+            )
+
+
+def test_negative_label_smoothing_acts_as_zero(backend, device):
+    x = torch.randn(5, 6, device=device)
+    t = torch.randint(0, 6, (5,), device=device)
+    torch.testing.assert_close(
+        tl_.cross_entropy(x, t, label_smoothing=-0.5), F.cross_entropy(x, t, label_smoothing=-0.5)
+    )
+
+
+def test_uint8_targets(backend, device):
+    x = torch.randn(5, 6, device=device)
+    t = torch.randint(0, 6, (5,), device=device, dtype=torch.uint8)
+    torch.testing.assert_close(tl_.cross_entropy(x, t), F.cross_entropy(x, t))
+    torch.testing.assert_close(tl_.nll_loss(x, t, reduction="sum"), F.nll_loss(x, t, reduction="sum"))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: torch.randn(6, 20, device=d)[:, ::2],  # sliced columns
+        lambda d: torch.randn(20, 6, device=d).t(),  # transposed: class stride != 1
+        lambda d: torch.randn(3, 4, 10, device=d).transpose(0, 1).reshape(4, 3, 10)[:, 1],  # row stride != C
+        lambda d: torch.randn(1, 10, device=d).expand(5, 10),  # expanded (stride 0)
+        lambda d: torch.randn(4, 6, 3, 2, device=d).permute(0, 1, 3, 2),  # K-dim non-contiguous
+    ],
+    ids=["sliced", "transposed", "row-strided", "expanded", "kdim-permuted"],
+)
+def test_noncontiguous_input(backend, device, make):
+    x = make(device)
+    C = x.shape[1]
+    t = torch.randint(0, C, (x.shape[0], *x.shape[2:]), device=device)
+    for red in REDUCTIONS:
+        xa = x.detach().clone().requires_grad_()
+        xb = x.detach().contiguous().requires_grad_()
+        a = tl_.cross_entropy(xa, t, reduction=red, label_smoothing=0.1)
+        b = F.cross_entropy(xb, t, reduction=red, label_smoothing=0.1)
+        torch.testing.assert_close(a, b)
+        up = torch.randn_like(b)
+        torch.testing.assert_close(torch.autograd.grad(a, xa, up)[0], torch.autograd.grad(b, xb, up)[0])
+
+
+def test_noncontiguous_target(backend, device):
+    x = torch.randn(6, 7, device=device)
+    t = torch.randint(0, 7, (6, 2), device=device)[:, 1]
+    torch.testing.assert_close(tl_.cross_entropy(x, t), F.cross_entropy(x, t))
+
+
+def test_caller_input_is_never_modified(backend, device):
+    x = torch.randn(5, 9, device=device, requires_grad=True)
+    snapshot = x.detach().clone()
+    t = torch.randint(0, 9, (5,), device=device)
+    for red in REDUCTIONS:
+        loss = tl_.cross_entropy(x, t, reduction=red)
+        loss.sum().backward()
+    assert torch.equal(x.detach(), snapshot)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_inplace_backward_reuses_logits_memory(backend, device, reduction):
+    base = torch.randn(5, 9, device=device)
+    t = torch.randint(0, 9, (5,), device=device)
+    x = base.clone().requires_grad_()
+    h = x * 1.0  # a non-leaf: its buffer may be overwritten
+    loss = tl_.cross_entropy(h, t, reduction=reduction, inplace_backward=True)
+    h.retain_grad()
+    up = torch.randn_like(loss)
+    loss.backward(up)
+    xr = base.clone().requires_grad_()
+    ref = F.cross_entropy(xr, t, reduction=reduction)
+    ref.backward(up)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(x.grad, xr.grad)
+    assert torch.equal(h.detach(), h.grad)  # the logits' memory now holds their gradient
+
+
+def test_retain_graph_and_two_losses_on_same_logits(backend, device):
+    x = torch.randn(6, 8, device=device, requires_grad=True)
+    t = torch.randint(0, 8, (6,), device=device)
+    loss = tl_.cross_entropy(x, t)
+    loss.backward(retain_graph=True)
+    g1 = x.grad.clone()
+    loss.backward(torch.tensor(3.0, device=device))
+    torch.testing.assert_close(x.grad, 4 * g1)
+    x.grad = None
+    a = tl_.cross_entropy(x, t)
+    b = tl_.cross_entropy(x, t, label_smoothing=0.5, reduction="sum")
+    (a + 2 * b).backward()
+    xr = x.detach().clone().requires_grad_()
+    (F.cross_entropy(xr, t) + 2 * F.cross_entropy(xr, t, label_smoothing=0.5, reduction="sum")).backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+def test_upstream_op_that_saved_logits(backend, device):
+    """softmax -> log -> CE: the producer saved the tensor CE reads; its gradient must stay right."""
+    z = torch.randn(4, 7, device=device, requires_grad=True)
+    t = torch.randint(0, 7, (4,), device=device)
+    h = torch.exp(z)  # exp saves its output, which is CE's input
+    tl_.cross_entropy(h, t).backward()
+    zr = z.detach().clone().requires_grad_()
+    F.cross_entropy(torch.exp(zr), t).backward()
+    torch.testing.assert_close(z.grad, zr.grad)
+
+
+def test_input_without_grad(backend, device):
+    x = torch.randn(5, 9, device=device)
+    t = torch.randint(0, 9, (5,), device=device)
+    torch.testing.assert_close(tl_.cross_entropy(x, t), F.cross_entropy(x, t))
+    with torch.no_grad():
+        torch.testing.assert_close(tl_.cross_entropy(x.requires_grad_(), t), F.cross_entropy(x, t))
+
+
+def test_invariants(backend, device):
+    x = torch.randn(7, 13, device=device, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 13, (7,), device=device)
+    ce = tl_.cross_entropy(x, t, reduction="none")
+    torch.testing.assert_close(ce, tl_.nll_loss(tl_.log_softmax(x, 1), t, reduction="none"))
+    torch.testing.assert_close(ce, tl_.cross_entropy(x + 1000.0, t, reduction="none"))
+    (g,) = torch.autograd.grad(ce.sum(), x)
+    torch.testing.assert_close(g.sum(1), torch.zeros(7, dtype=torch.float64, device=device), atol=1e-12, rtol=0)
+    onehot = F.one_hot(t, 13).double()
+    torch.testing.assert_close(ce, tl_.cross_entropy(x, onehot, reduction="none"))
+
+
+def test_gradient_accumulation_recipe(backend, device):
+    x = torch.randn(12, 6, device=device, requires_grad=True)
+    t = torch.randint(0, 6, (12,), device=device)
+    t[[1, 5, 6]] = -100
+    n_tokens = (t != -100).sum()
+    total = sum(tl_.cross_entropy(x[i : i + 4], t[i : i + 4], reduction="sum") / n_tokens for i in range(0, 12, 4))
+    total.backward()
+    xr = x.detach().clone().requires_grad_()
+    F.cross_entropy(xr, t).backward()
+    torch.testing.assert_close(total, F.cross_entropy(xr, t))
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+def test_softcap_keeps_padding_out_of_the_softmax(backend, device):
+    """V not a multiple of the block: padded lanes must not leak ``exp(-softcap)`` mass."""
+    for C in (3, 17, 33):
+        x = torch.randn(4, C, device=device, dtype=torch.float64) * 10
+        t = torch.randint(0, C, (4,), device=device)
+        torch.testing.assert_close(
+            tl_.cross_entropy(x, t, softcap=2.0, reduction="none"),
+            ref_cross_entropy(x, t, softcap=2.0, reduction="none"),
+        )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nll_loss_matches_torch(backend, device, reduction):
+    for shape in [(6,), (5, 6), (3, 6, 4), (2, 6, 2, 3)]:
+        x = torch.randn(shape, device=device, dtype=torch.float64).log_softmax(1 if len(shape) > 1 else 0)
+        x.requires_grad_()
+        C = shape[1] if len(shape) > 1 else shape[0]
+        t = _target(shape, C, device, 2)
+        w = torch.rand(C, device=device, dtype=torch.float64)
+        for kw in ({}, {"weight": w}, {"ignore_index": 2}, {"weight": w, "ignore_index": 2}):
+            ours = tl_.nll_loss(x, t, reduction=reduction, **kw)
+            ref = F.nll_loss(x, t, reduction=reduction, **kw)
+            torch.testing.assert_close(ours, ref, equal_nan=True)
+            up = torch.randn_like(ref)
+            torch.testing.assert_close(torch.autograd.grad(ours, x, up)[0], torch.autograd.grad(ref, x, up)[0])
+
+
+def test_gradcheck_torch_backend(device, monkeypatch):
+    monkeypatch.setenv("TRITON_LOSSES_BACKEND", "torch")
+    x = torch.randn(3, 5, 2, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, 5, (3, 2), device=device)
+    p = torch.rand(3, 5, 2, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.rand(5, dtype=torch.float64, device=device)
+    for red, kw in itertools.product(REDUCTIONS, [{}, {"weight": w, "label_smoothing": 0.2, "z_loss": 0.1}]):
+        f_index = lambda x, red=red, kw=kw: tl_.cross_entropy(x, t, reduction=red, softcap=4.0, **kw)
+        f_prob = lambda x, p, red=red, kw=kw: tl_.cross_entropy(x, p, reduction=red, **kw)
+        assert torch.autograd.gradcheck(f_index, (x,))
+        assert torch.autograd.gradcheck(f_prob, (x, p))
+
+
+def test_double_backward_raises_clearly(backend, device):
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    t = torch.randint(0, 4, (3,), device=device)
+    loss = tl_.cross_entropy(x, t, reduction="none")
+    up = torch.rand(3, device=device, requires_grad=True)
+    (g,) = torch.autograd.grad(loss, x, up, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()

@@ -1,0 +1,108 @@
+"""log_softmax / softmax against torch, on the PyTorch reference and on the Triton kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import triton_losses as tl_
+from tests.helpers import budget_close
+
+FNS = [(tl_.log_softmax, F.log_softmax), (tl_.softmax, F.softmax)]
+IDS = ["log_softmax", "softmax"]
+
+
+@pytest.mark.parametrize("fns", FNS, ids=IDS)
+@pytest.mark.parametrize(
+    "shape,dim",
+    [((7,), 0), ((5, 9), 1), ((5, 9), 0), ((3, 4, 6), 1), ((3, 4, 6), -1), ((2, 3, 4, 5), 2), ((3, 5000), 1),
+     ((2, 40, 3), 1), ((), 0), ((4, 1), 1)],
+    ids=str,
+)  # fmt: skip
+def test_matches_torch_fp64(backend, device, fns, shape, dim):
+    ours_fn, torch_fn = fns
+    x = (torch.randn(shape, device=device) * 3).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    ours = ours_fn(x, dim)
+    ref = torch_fn(x64, dim)
+    up = torch.randn(ref.shape, dtype=torch.float64, device=device)
+    budget_close(ours, ref)
+    budget_close(torch.autograd.grad(ours, x, up.float())[0], torch.autograd.grad(ref, x64, up)[0])
+
+
+@pytest.mark.parametrize("fns", FNS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_dtypes_within_error_budget(backend, device, fns, dtype):
+    ours_fn, torch_fn = fns
+    x = (torch.randn(6, 300, device=device) * 4).to(dtype)
+    xs = x.clone().requires_grad_()
+    x64 = x.double().requires_grad_()
+    xl = x.clone().requires_grad_()
+    up = torch.randn(6, 300, device=device, dtype=torch.float64)
+    ours, ref, lowp = ours_fn(xs, 1), torch_fn(x64, 1), torch_fn(xl, 1)
+    assert ours.dtype == dtype
+    budget_close(ours, ref, lowp)
+    g = torch.autograd.grad(ours, xs, up.to(dtype))[0]
+    budget_close(g, torch.autograd.grad(ref, x64, up)[0], torch.autograd.grad(lowp, xl, up.to(dtype))[0])
+
+
+@pytest.mark.parametrize("fns", FNS, ids=IDS)
+def test_dtype_argument_upcasts(backend, device, fns):
+    ours_fn, torch_fn = fns
+    x = torch.randn(4, 7, device=device).to(torch.bfloat16)
+    ours = ours_fn(x, 1, dtype=torch.float32)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, torch_fn(x, 1, dtype=torch.float32))
+    xi = torch.randint(0, 5, (3, 4), device=device)
+    torch.testing.assert_close(ours_fn(xi, 1, dtype=torch.float64), torch_fn(xi, 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fns", FNS, ids=IDS)
+def test_nonfinite_rows(backend, device, fns):
+    ours_fn, torch_fn = fns
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor(
+        [[0.0, -inf, 1.0], [0.0, inf, 1.0], [nan, 0.0, 1.0], [-inf, -inf, -inf], [1e30, -1e30, 0.0]], device=device
+    )
+    torch.testing.assert_close(ours_fn(x, 1), torch_fn(x, 1), equal_nan=True)
+
+
+@pytest.mark.parametrize("fns", FNS, ids=IDS)
+def test_noncontiguous_and_empty(backend, device, fns):
+    ours_fn, torch_fn = fns
+    for x in [
+        torch.randn(8, 10, device=device)[:, ::3],
+        torch.randn(10, 8, device=device).t(),
+        torch.randn(3, 4, 5, device=device).permute(2, 0, 1),
+        torch.randn(0, 5, device=device),
+        torch.randn(4, 0, device=device),
+    ]:
+        for dim in range(x.dim()):
+            xs = x.clone().requires_grad_()
+            xr = x.clone().requires_grad_()
+            a, b = ours_fn(xs, dim), torch_fn(xr, dim)
+            torch.testing.assert_close(a, b)
+            up = torch.randn_like(b)
+            torch.testing.assert_close(torch.autograd.grad(a, xs, up)[0], torch.autograd.grad(b, xr, up)[0])
+
+
+@pytest.mark.parametrize("fns", FNS, ids=IDS)
+def test_implicit_dim_warns_like_torch(backend, device, fns):
+    ours_fn, torch_fn = fns
+    x = torch.randn(3, 4, device=device)
+    with pytest.warns(UserWarning, match="Implicit dimension choice") as ours_w:
+        a = ours_fn(x)
+    with pytest.warns(UserWarning) as torch_w:
+        b = torch_fn(x)
+    torch.testing.assert_close(a, b)
+    assert str(ours_w[0].message) == str(torch_w[0].message)
+
+
+@pytest.mark.parametrize("fns", FNS, ids=IDS)
+def test_bad_dim_and_integer_input_raise_like_torch(backend, device, fns):
+    from tests.helpers import same_error
+
+    ours_fn, torch_fn = fns
+    same_error(torch_fn, ours_fn, torch.randn(3, 4, device=device), 2)
+    same_error(torch_fn, ours_fn, torch.randint(0, 3, (3, 4), device=device), 1)
