@@ -13,8 +13,8 @@ from ..spec import CESpec
 
 FUSES_GRAD = False  # the forward never writes the gradient; the backward recomputes it
 
-# Rows per chunk are chosen so a chunk holds about this many fp32 elements (16 MiB).
-CHUNK_ELEMS = 1 << 22
+# Rows per chunk are chosen so a chunk holds about this many fp32 elements (4 MiB).
+CHUNK_ELEMS = 1 << 20
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,11 +38,8 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 def logsumexp(x: torch.Tensor) -> torch.Tensor:
     """Row log-sum-exp with torch's log_softmax semantics: +inf or NaN anywhere gives NaN."""
-    if x.shape[1] == 0:
-        return torch.full(x.shape[:1], float("-inf"), dtype=x.dtype, device=x.device)
-    m = x.amax(1)
-    shift = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    return m + torch.log(torch.exp(x - shift[:, None]).sum(1))
+    lse = torch.logsumexp(x, 1)
+    return lse.masked_fill_(lse == float("inf"), float("nan"))
 
 
 class _Chunk:
@@ -62,32 +59,44 @@ class _Chunk:
             self.tp = tp
             self.wt = tp if self.w is None else tp * self.w
         else:
-            tt = t[a0:a1].reshape(-1).long()
-            self.tgt = tt
-            self.ignored = tt == spec.ignore_index
-            self.inb = (tt >= 0) & (tt < C)
-            self.tsafe = torch.where(self.inb, tt, torch.zeros_like(tt))
-            ones = torch.ones(tt.shape, dtype=acc, device=tt.device)
+            self.tgt, self.ignored, self.inb, self.tsafe = _targets(t[a0:a1], spec, C)
+            ones = torch.ones(self.tgt.shape, dtype=acc, device=x.device)
             self.w_t = ones if self.w is None else self.w[self.tsafe]
         if lse is not None:
             self.lse = lse[a0 * B : a1 * B].to(acc)
-        elif spec.logp_input:
-            self.lse = torch.zeros(self.x.shape[0], dtype=acc, device=x.device)
         else:
             self.lse = logsumexp(self.x)
 
     def mask_rows(self, v: torch.Tensor) -> torch.Tensor:
         """0 on ignored rows, NaN on rows whose target is out of range."""
-        nan = torch.full_like(v, float("nan"))
-        return torch.where(self.ignored, torch.zeros_like(v), torch.where(self.inb, v, nan))
+        return _mask_rows(v, self.ignored, self.inb)
+
+
+def _targets(t: torch.Tensor, spec: CESpec, C: int):
+    """Flat index targets: ``(target, ignored, in_range, clamped)``, each ``(R,)``."""
+    tt = t.reshape(-1).long()
+    ignored = tt == spec.ignore_index
+    inb = (tt >= 0) & (tt < C)
+    return tt, ignored, inb, torch.where(inb, tt, torch.zeros_like(tt))
+
+
+def _mask_rows(v: torch.Tensor, ignored: torch.Tensor, inb: torch.Tensor) -> torch.Tensor:
+    """0 on ignored rows, NaN on rows whose target is out of range."""
+    return v.masked_fill(~inb, float("nan")).masked_fill_(ignored, 0.0)
 
 
 def ce_fwd(x: torch.Tensor, t: torch.Tensor, spec: CESpec, coef: torch.Tensor, grad=None):
     """Per-row loss and lse, each ``(A * B,)`` fp32 (fp64 for fp64), of logits ``x`` ``(A, C, B)``."""
     assert grad is None, "the reference path does not fuse the gradient into the forward"
     A, C, B = x.shape
-    loss = torch.empty(A * B, dtype=acc_dtype(x.dtype), device=x.device)
-    lse = torch.empty(A * B, dtype=acc_dtype(x.dtype), device=x.device)
+    acc = acc_dtype(x.dtype)
+    if spec.logp_input:  # NLL: one gathered element per row, no pass over the rows
+        _, ignored, inb, tsafe = _targets(t, spec, C)
+        x_t = x.gather(1, tsafe.view(A, 1, B)).reshape(-1).to(acc)
+        w_t = 1.0 if spec.weight is None else spec.weight.to(acc)[tsafe]
+        return _mask_rows(-w_t * x_t, ignored, inb), torch.zeros(A * B, dtype=acc, device=x.device)
+    loss = torch.empty(A * B, dtype=acc, device=x.device)
+    lse = torch.empty(A * B, dtype=acc, device=x.device)
     for a0, a1 in _chunks(A, C, B):
         ch = _Chunk(x, t, spec, a0, a1)
         eps = spec.smoothing
@@ -99,15 +108,12 @@ def ce_fwd(x: torch.Tensor, t: torch.Tensor, spec: CESpec, coef: torch.Tensor, g
                 out = out + spec.z_loss * ch.lse * ch.lse
         else:
             x_t = ch.x.gather(1, ch.tsafe[:, None])[:, 0]
-            if spec.logp_input:
-                out = -ch.w_t * x_t
-            else:
-                out = ch.w_t * (ch.lse - x_t)
-                if eps > 0:
-                    wx = ch.x if ch.w is None else ch.x * ch.w
-                    out = (1.0 - eps) * out + eps / C * (ch.wsum * ch.lse - wx.sum(1))
-                if spec.z_loss:
-                    out = out + spec.z_loss * ch.w_t * ch.lse * ch.lse
+            out = ch.w_t * (ch.lse - x_t)
+            if eps > 0:
+                wx = ch.x.sum(1) if ch.w is None else ch.x @ ch.w
+                out = (1.0 - eps) * out + eps / C * (ch.wsum * ch.lse - wx)
+            if spec.z_loss:
+                out = out + spec.z_loss * ch.w_t * ch.lse * ch.lse
             out = ch.mask_rows(out)
         loss[a0 * B : a1 * B] = out
         lse[a0 * B : a1 * B] = ch.lse
@@ -115,42 +121,56 @@ def ce_fwd(x: torch.Tensor, t: torch.Tensor, spec: CESpec, coef: torch.Tensor, g
 
 
 def ce_bwd(x, t, spec: CESpec, lse, gout, coef, grad, tgrad) -> None:
-    """Write ``d(sum_r gout_r * coef * loss_r)/dx`` into ``grad`` (and ``/dt`` into ``tgrad``)."""
+    """Write ``d(sum_r gout_r * coef * loss_r)/dx`` into ``grad`` (and ``/dt`` into ``tgrad``).
+
+    ``grad`` may be ``x`` itself (``inplace_backward``): each chunk is read before it is written.
+    """
     A, C, B = x.shape
     acc = acc_dtype(x.dtype)
     scale = gout.to(acc).reshape(-1) * coef.to(acc)
     eps = spec.smoothing
+    if spec.logp_input:  # NLL: zeros with one value per row
+        _, ignored, inb, tsafe = _targets(t, spec, C)
+        own = 1.0 if spec.weight is None else spec.weight.to(acc)[tsafe]
+        vals = _mask_rows(-own * scale.expand(A * B), ignored, inb)
+        grad.zero_().scatter_(1, tsafe.view(A, 1, B), vals.view(A, 1, B).to(grad.dtype))
+        return
+    aliased = grad.data_ptr() == x.data_ptr()
     for a0, a1 in _chunks(A, C, B):
         ch = _Chunk(x, t, spec, a0, a1, lse=lse)
+        rows = ch.x.shape[0]
         rs = scale if scale.numel() == 1 else scale[a0 * B : a1 * B]
-        rs = rs.expand(ch.x.shape[0])
+        rs = rs.expand(rows)
+        gview = _rows_view(grad[a0:a1])
+        direct = B == 1 and grad.dtype == acc and not aliased  # compute straight into the gradient
+        if spec.prob_target and tgrad is not None:
+            dt = (ch.lse[:, None] - ch.x).mul_((1.0 - eps) * rs[:, None])
+            if ch.w is not None:
+                dt.mul_(ch.w)
+            _rows_view(tgrad[a0:a1]).copy_(dt.view(a1 - a0, B, C))
+        out = gview.view(rows, C) if direct else None
+        d = torch.sub(ch.x, ch.lse[:, None], out=out).exp_()
         if spec.prob_target:
             a_coef = ch.wt.sum(1)
             if spec.z_loss:
                 a_coef = a_coef + 2.0 * spec.z_loss * ch.lse
-            d = torch.exp(ch.x - ch.lse[:, None]) * a_coef[:, None] - ch.wt
-            if tgrad is not None:
-                dt = (ch.lse[:, None] - ch.x) * (1.0 - eps) * rs[:, None]
-                if ch.w is not None:
-                    dt = dt * ch.w
-                _rows_view(tgrad[a0:a1]).copy_(dt.view(a1 - a0, B, C))
+            d.mul_(a_coef[:, None]).sub_(ch.wt)
         else:
             rs = ch.mask_rows(rs)
             own = (1.0 - eps) * ch.w_t if eps > 0 else ch.w_t
-            onehot = torch.zeros_like(ch.x).scatter_(1, ch.tsafe[:, None], 1.0)
-            if spec.logp_input:
-                d = -own[:, None] * onehot
-            else:
-                a_coef = own + eps * ch.wsum / C if eps > 0 else ch.w_t
-                if spec.z_loss:
-                    a_coef = a_coef + 2.0 * spec.z_loss * ch.w_t * ch.lse
-                d = torch.exp(ch.x - ch.lse[:, None]) * a_coef[:, None] - own[:, None] * onehot
-                if eps > 0:
-                    d = d - (eps / C) * (1.0 if ch.w is None else ch.w)
-        if spec.softcap is not None and not spec.logp_input:
-            d = d * (1.0 - (ch.x / spec.softcap) ** 2)
-        d = d * rs[:, None]
-        _rows_view(grad[a0:a1]).copy_(d.view(a1 - a0, B, C))
+            a_coef = own + eps * ch.wsum / C if eps > 0 else ch.w_t
+            if spec.z_loss:
+                a_coef = a_coef + 2.0 * spec.z_loss * ch.w_t * ch.lse
+            d.mul_(a_coef[:, None])
+            idx = torch.arange(rows, device=d.device)
+            d[idx, ch.tsafe] -= own
+            if eps > 0:
+                d.sub_((eps / C) * (1.0 if ch.w is None else ch.w))
+        if spec.softcap is not None:
+            d.mul_(torch.square(ch.x / spec.softcap).neg_().add_(1.0))
+        d.mul_(rs[:, None])
+        if not direct:
+            gview.copy_(d.view(a1 - a0, B, C))
 
 
 def _rows_view(v: torch.Tensor) -> torch.Tensor:
