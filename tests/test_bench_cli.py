@@ -1,0 +1,194 @@
+"""Fast tests of ``triton-losses bench`` / ``check`` (triton_losses/bench): outputs, reasons, registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+import triton_losses
+from triton_losses.bench import OPS, Case, Op, Size, get_ops, register
+from triton_losses.bench.cli import main, parse_size
+from triton_losses.bench.providers import NAMES
+from triton_losses.bench.registry import MODES
+from triton_losses.bench.timing import Stats
+
+TINY = ["--sizes", "8x300", "4x1000", "--hidden", "16", "--copy-mib", "16", "--no-progress"]
+
+
+def _bench(tmp_path, *extra: str) -> tuple[int, dict, str]:
+    rc = main(["bench", "--quick", *TINY, "--out", str(tmp_path), *extra])
+    doc = json.loads((tmp_path / "results.json").read_text())
+    return rc, doc, (tmp_path / "results.md").read_text()
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Ops registered by a test disappear after it."""
+    get_ops()  # the built-in ops first
+    monkeypatch.setattr("triton_losses.bench.registry.OPS", dict(OPS))
+    from triton_losses.bench import registry
+
+    return registry.OPS
+
+
+def test_quick_bench_writes_json_and_markdown(tmp_path, capsys):
+    rc, doc, md = _bench(tmp_path, "--ops", "cross_entropy", "softmax")
+    out = capsys.readouterr().out
+    assert rc == 0
+    meta = doc["meta"]
+    for key in ("device", "date", "datetime_utc", "git", "command", "versions"):
+        assert meta[key], key
+    assert meta["versions"]["torch"] == torch.__version__
+    assert "triton" in meta["versions"]
+    assert "triton-losses bench --quick" in meta["command"]
+    assert doc["copy_bandwidth"]["gbps"] > 0
+    assert set(doc["providers"]) == set(NAMES)
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    measured = {(r["op"], r["provider"]) for r in ok}
+    assert {(o, p) for o in ("cross_entropy", "softmax") for p in ("torch", "ours")} <= measured
+    if not torch.cuda.is_available():  # torch.compile is skipped by --quick, Liger-Kernel needs a GPU
+        assert {p for _, p in measured} == {"torch", "ours"}
+    for r in ok:
+        assert set(r["time_ms"]) == set(MODES)
+        assert all(r["time_ms"][m]["median"] > 0 and r["time_ms"][m]["n"] >= 3 for m in MODES)
+        assert r["gbps"]["fwd+bwd"] == pytest.approx(r["bytes"]["fwd+bwd"] / r["time_ms"]["fwd+bwd"]["median"] / 1e6)
+        assert r["copy_fraction"]["fwd+bwd"] == pytest.approx(r["gbps"]["fwd+bwd"] / doc["copy_bandwidth"]["gbps"])
+        assert r["memory"]["peak_bytes"] >= r["memory"]["inputs_bytes"] > 0
+        assert r["memory"]["extra_bytes"] > 0  # at least the gradient
+    # the markdown: the reproducing command at the top, one table per op, every measured row
+    head = md.splitlines()[:8]
+    assert any(line == meta["command"] for line in head)
+    assert "## cross_entropy" in md and "## softmax" in md
+    shown = [r for r in doc["results"] if r["status"] in ("ok", "error")]
+    assert md.count("| 8 | 300 |") == sum(r["N"] == 8 for r in shown) >= 4
+    assert md.count("| 4 | 1000 |") == sum(r["N"] == 4 for r in shown) >= 4
+    assert "cross_entropy" in out and "copy bandwidth" in out
+
+
+def test_missing_and_skipped_providers_are_reported(tmp_path, capsys):
+    rc, doc, md = _bench(tmp_path, "--ops", "nll_loss")
+    out = capsys.readouterr().out
+    assert rc == 0
+    providers = doc["providers"]
+    if not torch.cuda.is_available():
+        assert providers["liger"]["status"] == "missing" and "CUDA" in providers["liger"]["reason"]
+        assert providers["torch.compile"]["status"] == "skipped" and "--quick" in providers["torch.compile"]["reason"]
+    for name, p in providers.items():
+        if p["status"] != "ok":
+            assert p["reason"] and p["reason"] in md and p["reason"] in out, name
+        rows = [r for r in doc["results"] if r["provider"] == name]
+        assert len(rows) == 2, name  # one per size, whatever its status
+    # an op-specific absence (Liger-Kernel has no nll_loss) is listed under the op when liger is there
+    if providers["liger"]["status"] == "ok":
+        assert "Liger-Kernel has no nll_loss" in md
+
+
+def test_providers_option_skips_the_others_with_a_reason(tmp_path):
+    rc, doc, _ = _bench(tmp_path, "--ops", "log_softmax", "--providers", "torch")
+    assert rc == 0
+    assert doc["providers"]["ours"] == {**doc["providers"]["ours"], "status": "skipped", "reason": "not in --providers"}
+    assert {r["provider"] for r in doc["results"] if r["status"] == "ok"} == {"torch"}
+
+
+def test_plots_are_skipped_with_a_reason_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("triton_losses.bench.plots.matplotlib_missing", lambda: "matplotlib is not installed (test)")
+    rc, _, md = _bench(tmp_path, "--ops", "softmax", "--providers", "torch")
+    assert rc == 0
+    assert "plots: skipped: matplotlib is not installed (test)" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.png")) and "![" not in md
+
+
+def test_plot_and_prefix(tmp_path):
+    pytest.importorskip("matplotlib")
+    main(
+        ["bench", "--quick", *TINY, "--ops", "softmax", "--providers", "torch", "--out", str(tmp_path), "--prefix", "x"]
+    )
+    assert (tmp_path / "x.png").stat().st_size > 1000
+    assert "![time and memory against vocabulary size](x.png)" in (tmp_path / "x.md").read_text()
+
+
+def test_new_op_is_a_few_lines(tmp_path, scratch_registry):
+    register(
+        Op(
+            name="double_sum",
+            inputs=lambda s, dtype, device: Case((torch.randn(s.N, s.V, dtype=dtype, device=device).requires_grad_(),)),
+            ours=lambda x: (2 * x).sum(),
+            torch=lambda x: (x + x).sum(),
+            bytes_moved=lambda s, b: {"fwd": s.N * s.V * b, "bwd": s.N * s.V * b, "fwd+bwd": 2 * s.N * s.V * b},
+            bytes_note="N·V·b each way",
+        )
+    )
+    assert "double_sum" in [op.name for op in get_ops()]
+    rc, _, md = _bench(tmp_path, "--ops", "double_sum")
+    assert rc == 0 and "## double_sum" in md
+    assert main(["check", "--ops", "double_sum"]) == 0
+
+
+def test_check_passes(capsys):
+    assert main(["check", "--ops", "cross_entropy", "softmax", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith(("cross_entropy ", "softmax "))] == [
+        "pass"
+    ] * 4
+    assert "all passed" in out
+
+
+def test_check_fails_with_exit_1_on_a_wrong_op(capsys, scratch_registry):
+    good = OPS["softmax"]
+    register(replace(good, name="bad_softmax", ours=lambda x: torch.softmax(x, -1) * 1.01))
+    assert main(["check", "--ops", "bad_softmax"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "failed" in out
+
+
+def test_errors_are_reported_not_dropped(tmp_path, scratch_registry):
+    def broken(x):
+        raise RuntimeError("kernel exploded")
+
+    register(replace(OPS["softmax"], name="broken", ours=broken))
+    rc, doc, md = _bench(tmp_path, "--ops", "broken")
+    assert rc == 1  # an error in ours fails the run
+    rows = [r for r in doc["results"] if r["provider"] == "ours"]
+    assert all(r["status"] == "error" and "kernel exploded" in r["reason"] for r in rows)
+    assert "error: RuntimeError: kernel exploded" in md
+
+
+def test_registered_ops_cover_the_public_api():
+    names = {op.name for op in get_ops()}
+    functions = {n for n in triton_losses.__all__ if callable(getattr(triton_losses, n))}
+    assert functions <= names, f"register {functions - names} in triton_losses/bench/ops.py"
+    for op in get_ops():
+        size = Size(8, 100, 16)
+        moved = op.bytes_moved(size, 2)
+        assert set(moved) == set(MODES) and all(v > 0 for v in moved.values()), op.name
+        assert moved["fwd+bwd"] <= moved["fwd"] + moved["bwd"], op.name
+
+
+def test_bad_arguments():
+    assert parse_size("4096x128256") == Size(4096, 128256)
+    assert parse_size("8x32000x2048") == Size(8, 32000, 2048)
+    with pytest.raises(SystemExit):
+        main(["bench", "--sizes", "4096"])
+    with pytest.raises(SystemExit, match="unknown op"):
+        main(["bench", "--ops", "no_such_op"])
+    with pytest.raises(SystemExit, match="unknown provider"):
+        main(["bench", "--providers", "no_such_provider"])
+
+
+def test_stats():
+    s = Stats.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.median, s.min, s.max, s.n) == (3.0, 1.0, 5.0, 5)
+    assert s.p20 < s.median < s.p80
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "triton_losses", "bench", "--list"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "cross_entropy" in proc.stdout and "bytes:" in proc.stdout
