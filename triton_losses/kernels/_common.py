@@ -125,8 +125,10 @@ class AotCase:
         return sig
 
     def __repr__(self) -> str:
-        flags = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if k != "ACC")
-        ptrs = ",".join(sorted(set(self.ptr_dtypes.values())))
+        """A unique name: every pointer's dtype and every constexpr's value."""
+        names = self.kernel.arg_names
+        ptrs = ",".join(f"{k}:{v}" for k, v in self.ptr_dtypes.items() if k in names)
+        flags = ",".join(f"{k}={getattr(v, 'name', v)}" for k, v in self.constexprs.items())
         return f"{self.kernel.fn.__name__}[{ptrs}|{flags}|warps={self.num_warps}]"
 
 

@@ -107,6 +107,33 @@ def _ce_row_coefs(tgt, lse, w_t, wsum, C, smoothing, z_loss,
 
 
 @triton.jit
+def _weight_sum(wsum_ptr, C, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """Sum of the class weights (C without weights)."""
+    if HAS_WEIGHT:
+        wsum = tl.load(wsum_ptr).to(ACC)
+    else:
+        wsum = C * 1.0
+    return wsum
+
+
+@triton.jit
+def _index_targets(t_ptr, toff, w_ptr, rmask, C, ignore_index, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """Index targets of a block of rows: ``(target, ignored, in_range, clamped, class_weight)``.
+
+    The clamped index is the one loads use, so an out-of-range target never reads out of bounds.
+    """
+    tgt = tl.load(t_ptr + toff, mask=rmask, other=0).to(tl.int64)
+    ignored = tgt == ignore_index
+    inb = (tgt >= 0) & (tgt < C)
+    tsafe = tl.where(inb, tgt, 0)
+    if HAS_WEIGHT:
+        w_t = tl.load(w_ptr + tsafe, mask=rmask & inb, other=0.0).to(ACC)
+    else:
+        w_t = tl.where(inb, 1.0, 1.0).to(ACC)
+    return tgt, ignored, inb, tsafe, w_t
+
+
+@triton.jit
 def _ce_fwd_kernel(
     x_ptr, s_xa, s_xc, s_xb,  # logits (A, C, B)
     t_ptr, s_ta, s_tc, s_tb,  # targets: index (A, B) or probabilities (A, C, B)
@@ -125,24 +152,16 @@ def _ce_fwd_kernel(
     rmask = rows < R
     xoff = row_offsets(rows, B, s_xa, s_xb)
     toff = row_offsets(rows, B, s_ta, s_tb)
-    if HAS_WEIGHT:
-        wsum = tl.load(wsum_ptr).to(ACC)
-    else:
-        wsum = C * 1.0
+    wsum = _weight_sum(wsum_ptr, C, HAS_WEIGHT, ACC)
     tgt = tl.zeros([BLOCK_R], tl.int64) - 1
     w_t = tl.zeros([BLOCK_R], ACC) + 1.0
     x_t = tl.zeros([BLOCK_R], ACC)
     ignored = rmask & False
     inb = rmask | True
     if not PROB_TARGET:
-        tgt = tl.load(t_ptr + toff, mask=rmask, other=0).to(tl.int64)
-        ignored = tgt == ignore_index
-        inb = (tgt >= 0) & (tgt < C)
-        tsafe = tl.where(inb, tgt, 0)
+        tgt, ignored, inb, tsafe, w_t = _index_targets(t_ptr, toff, w_ptr, rmask, C, ignore_index, HAS_WEIGHT, ACC)
         x_t = tl.load(x_ptr + xoff + tsafe * s_xc, mask=rmask & inb, other=0.0).to(ACC)
         x_t = _softcap(x_t, softcap, rmask | True, HAS_SOFTCAP)
-        if HAS_WEIGHT:
-            w_t = tl.load(w_ptr + tsafe, mask=rmask & inb, other=0.0).to(ACC)
     m = tl.full([BLOCK_R], _NEG_INF, ACC)
     s = tl.zeros([BLOCK_R], ACC)
     swx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * x_c (label smoothing)
@@ -230,10 +249,7 @@ def _ce_bwd_kernel(
     rmask = rows < R
     xoff = row_offsets(rows, B, s_xa, s_xb)
     toff = row_offsets(rows, B, s_ta, s_tb)
-    if HAS_WEIGHT:
-        wsum = tl.load(wsum_ptr).to(ACC)
-    else:
-        wsum = C * 1.0
+    wsum = _weight_sum(wsum_ptr, C, HAS_WEIGHT, ACC)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0).to(ACC)
     coef = tl.load(coef_ptr).to(ACC) * tl.load(gout_ptr + rows * s_gout, mask=rmask, other=0.0).to(ACC)
     tgt = tl.zeros([BLOCK_R], tl.int64) - 1
@@ -253,11 +269,7 @@ def _ce_bwd_kernel(
         if HAS_SMOOTHING:
             S1 = (1.0 - smoothing) * S1 + smoothing * wsum / C
     else:
-        tgt = tl.load(t_ptr + toff, mask=rmask, other=0).to(tl.int64)
-        ignored = tgt == ignore_index
-        inb = (tgt >= 0) & (tgt < C)
-        if HAS_WEIGHT:
-            w_t = tl.load(w_ptr + tl.where(inb, tgt, 0), mask=rmask & inb, other=0.0).to(ACC)
+        tgt, ignored, inb, _, w_t = _index_targets(t_ptr, toff, w_ptr, rmask, C, ignore_index, HAS_WEIGHT, ACC)
         rscale = tl.where(ignored, 0.0, tl.where(inb, coef, float("nan")))
     a_coef, own = _ce_row_coefs(tgt, lse, w_t, wsum, C, smoothing, z_loss,
                                 PROB_TARGET, HAS_SMOOTHING, HAS_Z, S1)  # fmt: skip

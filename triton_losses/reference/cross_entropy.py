@@ -2,7 +2,10 @@
 
 It computes what ``kernels.cross_entropy`` computes, with the same formulas, in fp32 (fp64 for
 fp64 input), over chunks of rows so that no full-size fp32 intermediate is ever held: the forward
-keeps only per-row ``loss`` and ``lse``, the backward recomputes the softmax chunk by chunk.
+keeps only per-row ``loss`` and ``lse`` (and, given ``grad``, writes the gradient of each chunk
+right after its loss, as the fused kernel does); the backward recomputes the softmax chunk by chunk.
+Gradients are computed with in-place ops straight into the output where the layout allows (fp32 /
+fp64 rows), so a chunk costs no temporaries; ``grad`` may be the logits themselves.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 
 from ..spec import CESpec
 
-FUSES_GRAD = False  # the forward never writes the gradient; the backward recomputes it
+FUSES_GRAD = True  # ce_fwd(..., grad=buffer) writes the gradient of the reduced loss
 
 # Rows per chunk are chosen so a chunk holds about this many fp32 elements (4 MiB).
 CHUNK_ELEMS = 1 << 20
@@ -86,9 +89,12 @@ def _mask_rows(v: torch.Tensor, ignored: torch.Tensor, inb: torch.Tensor) -> tor
 
 
 def ce_fwd(x: torch.Tensor, t: torch.Tensor, spec: CESpec, coef: torch.Tensor, grad=None):
-    """Per-row loss and lse, each ``(A * B,)`` fp32 (fp64 for fp64), of logits ``x`` ``(A, C, B)``."""
-    assert grad is None, "the reference path does not fuse the gradient into the forward"
+    """Per-row loss and lse, each ``(A * B,)`` fp32 (fp64 for fp64), of logits ``x`` ``(A, C, B)``.
+
+    With ``grad`` (``(A, C, B)``, possibly ``x`` itself), also writes ``coef * dloss/dx`` into it.
+    """
     A, C, B = x.shape
+    assert grad is None or not spec.logp_input
     acc = acc_dtype(x.dtype)
     if spec.logp_input:  # NLL: one gathered element per row, no pass over the rows
         _, ignored, inb, tsafe = _targets(t, spec, C)
@@ -117,60 +123,75 @@ def ce_fwd(x: torch.Tensor, t: torch.Tensor, spec: CESpec, coef: torch.Tensor, g
             out = ch.mask_rows(out)
         loss[a0 * B : a1 * B] = out
         lse[a0 * B : a1 * B] = ch.lse
+        if grad is not None:
+            _grad_chunk(ch, spec, a0, a1, coef.to(acc).expand(ch.x.shape[0]), grad, None)
     return loss, lse
 
 
 def ce_bwd(x, t, spec: CESpec, lse, gout, coef, grad, tgrad) -> None:
     """Write ``d(sum_r gout_r * coef * loss_r)/dx`` into ``grad`` (and ``/dt`` into ``tgrad``).
 
-    ``grad`` may be ``x`` itself (``inplace_backward``): each chunk is read before it is written.
+    ``grad`` may be ``x`` itself (the same object; ``inplace_backward``): each chunk is read before it is written.
     """
     A, C, B = x.shape
     acc = acc_dtype(x.dtype)
     scale = gout.to(acc).reshape(-1) * coef.to(acc)
-    eps = spec.smoothing
     if spec.logp_input:  # NLL: zeros with one value per row
         _, ignored, inb, tsafe = _targets(t, spec, C)
         own = 1.0 if spec.weight is None else spec.weight.to(acc)[tsafe]
         vals = _mask_rows(-own * scale.expand(A * B), ignored, inb)
         grad.zero_().scatter_(1, tsafe.view(A, 1, B), vals.view(A, 1, B).to(grad.dtype))
         return
-    aliased = grad.data_ptr() == x.data_ptr()
     for a0, a1 in _chunks(A, C, B):
         ch = _Chunk(x, t, spec, a0, a1, lse=lse)
-        rows = ch.x.shape[0]
         rs = scale if scale.numel() == 1 else scale[a0 * B : a1 * B]
-        rs = rs.expand(rows)
-        gview = _rows_view(grad[a0:a1])
-        direct = B == 1 and grad.dtype == acc and not aliased  # compute straight into the gradient
-        if spec.prob_target and tgrad is not None:
-            dt = (ch.lse[:, None] - ch.x).mul_((1.0 - eps) * rs[:, None])
-            if ch.w is not None:
-                dt.mul_(ch.w)
-            _rows_view(tgrad[a0:a1]).copy_(dt.view(a1 - a0, B, C))
-        out = gview.view(rows, C) if direct else None
-        d = torch.sub(ch.x, ch.lse[:, None], out=out).exp_()
-        if spec.prob_target:
-            a_coef = ch.wt.sum(1)
-            if spec.z_loss:
-                a_coef = a_coef + 2.0 * spec.z_loss * ch.lse
-            d.mul_(a_coef[:, None]).sub_(ch.wt)
-        else:
-            rs = ch.mask_rows(rs)
-            own = (1.0 - eps) * ch.w_t if eps > 0 else ch.w_t
-            a_coef = own + eps * ch.wsum / C if eps > 0 else ch.w_t
-            if spec.z_loss:
-                a_coef = a_coef + 2.0 * spec.z_loss * ch.w_t * ch.lse
-            d.mul_(a_coef[:, None])
-            idx = torch.arange(rows, device=d.device)
-            d[idx, ch.tsafe] -= own
-            if eps > 0:
-                d.sub_((eps / C) * (1.0 if ch.w is None else ch.w))
-        if spec.softcap is not None:
-            d.mul_(torch.square(ch.x / spec.softcap).neg_().add_(1.0))
-        d.mul_(rs[:, None])
-        if not direct:
-            gview.copy_(d.view(a1 - a0, B, C))
+        _grad_chunk(ch, spec, a0, a1, rs.expand(ch.x.shape[0]), grad, tgrad)
+
+
+def _grad_chunk(ch: _Chunk, spec: CESpec, a0: int, a1: int, rs, grad, tgrad) -> None:
+    """Write ``rs * dloss/dx`` of one chunk of rows into ``grad[a0:a1]`` (and ``dloss/dt`` into ``tgrad``)."""
+    rows, C = ch.x.shape
+    B = grad.shape[2]
+    eps = spec.smoothing
+    gview = _rows_view(grad[a0:a1])
+    # Compute straight into the gradient when its rows are the chunk's rows in the compute dtype;
+    # if ``grad`` is the logits, ``ch.x`` is that same memory and is not read after this point.
+    direct = B == 1 and grad.dtype == ch.x.dtype
+    if spec.prob_target and tgrad is not None:
+        dt = (ch.lse[:, None] - ch.x).mul_((1.0 - eps) * rs[:, None])
+        if ch.w is not None:
+            dt.mul_(ch.w)
+        _rows_view(tgrad[a0:a1]).copy_(dt.view(a1 - a0, B, C))
+    d = torch.sub(ch.x, ch.lse[:, None], out=gview.view(rows, C) if direct else None).exp_()
+    if spec.prob_target:
+        a_coef = ch.wt.sum(1)
+        if spec.z_loss:
+            a_coef = a_coef + 2.0 * spec.z_loss * ch.lse
+        d.mul_(a_coef[:, None]).sub_(ch.wt)
+    else:
+        rs = ch.mask_rows(rs)
+        own = (1.0 - eps) * ch.w_t if eps > 0 else ch.w_t
+        a_coef = own + eps * ch.wsum / C if eps > 0 else ch.w_t
+        if spec.z_loss:
+            a_coef = a_coef + 2.0 * spec.z_loss * ch.w_t * ch.lse
+        d.mul_(a_coef[:, None])
+        d.scatter_add_(1, ch.tsafe[:, None], -own[:, None])
+        if eps > 0:
+            if ch.w is None:
+                d.sub_(eps / C)
+            else:
+                d.sub_((eps / C) * ch.w)
+    if spec.softcap is not None:
+        d.mul_(torch.square(ch.x / spec.softcap).neg_().add_(1.0))
+    d.mul_(rs[:, None])
+    if not direct:
+        gview.copy_(d.view(a1 - a0, B, C))
+
+
+def scale_(g: torch.Tensor, factor: torch.Tensor) -> None:
+    """``g *= factor`` in place (skipped when ``factor == 1``; a CPU read, not a device sync)."""
+    if g.is_cuda or float(factor.reshape(-1)[0]) != 1.0:
+        g.mul_(factor.reshape(-1)[0].to(g.dtype))
 
 
 def _rows_view(v: torch.Tensor) -> torch.Tensor:
