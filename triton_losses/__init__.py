@@ -5,9 +5,22 @@ The functions mirror ``torch.nn.functional``; the modules in :mod:`triton_losses
 """
 
 from . import nn
+from .binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from .cross_entropy import cross_entropy, nll_loss
+from .divergence import jsd, kl_div, kl_div_with_logits
 from .softmax import log_softmax, softmax
 
 __version__ = "0.1.0"
 
-__all__ = ["cross_entropy", "log_softmax", "nll_loss", "nn", "softmax"]
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "jsd",
+    "kl_div",
+    "kl_div_with_logits",
+    "log_softmax",
+    "nll_loss",
+    "nn",
+    "softmax",
+]

@@ -9,10 +9,22 @@ from __future__ import annotations
 import torch
 from torch import nn as _nn
 
+from .binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from .cross_entropy import cross_entropy, nll_loss
+from .divergence import jsd, kl_div, kl_div_with_logits
 from .softmax import log_softmax, softmax
 
-__all__ = ["CrossEntropyLoss", "LogSoftmax", "NLLLoss", "Softmax"]
+__all__ = [
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "JSDLoss",
+    "KLDivLoss",
+    "KLDivWithLogitsLoss",
+    "LogSoftmax",
+    "NLLLoss",
+    "Softmax",
+]
 
 
 class Softmax(_nn.Softmax):
@@ -83,3 +95,81 @@ class CrossEntropyLoss(_nn.CrossEntropyLoss):
         if self.inplace_backward:
             extras.append("inplace_backward=True")
         return ", ".join(extras)
+
+
+class BCELoss(_nn.BCELoss):
+    """``torch.nn.BCELoss`` computed by :func:`triton_losses.binary_cross_entropy` (``weight`` is a buffer)."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(_nn.BCEWithLogitsLoss):
+    """``torch.nn.BCEWithLogitsLoss`` computed by :func:`triton_losses.binary_cross_entropy_with_logits`.
+
+    ``weight`` and ``pos_weight`` are buffers, as in torch.
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return binary_cross_entropy_with_logits(
+            input, target, self.weight, pos_weight=self.pos_weight, reduction=self.reduction
+        )
+
+
+class KLDivLoss(_nn.KLDivLoss):
+    """``torch.nn.KLDivLoss`` computed by :func:`triton_losses.kl_div` (same 'mean' warning as torch)."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
+
+
+class JSDLoss(_nn.Module):
+    """Generalised Jensen-Shannon divergence between rows of log-probabilities: :func:`triton_losses.jsd`.
+
+    ``forward(input, target, labels=None)``: student and teacher log-probabilities ``(*, V)``,
+    optional ``(*)`` labels masking rows equal to ``ignore_index``.
+    """
+
+    def __init__(self, beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean") -> None:
+        super().__init__()
+        self.beta, self.ignore_index, self.reduction = beta, ignore_index, reduction
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return jsd(
+            input, target, beta=self.beta, ignore_index=self.ignore_index, labels=labels, reduction=self.reduction
+        )
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+
+
+class KLDivWithLogitsLoss(_nn.Module):
+    """Distillation KL from logits: :func:`triton_losses.kl_div_with_logits`.
+
+    ``KL(softmax(teacher / T) || softmax(student / T))`` per row, masked and reduced.
+
+    ``forward(student_logits, teacher_logits, labels=None)``: logits ``(*, V)``, optional ``(*)``
+    labels masking rows equal to ``ignore_index``.
+    """
+
+    def __init__(self, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "batchmean") -> None:
+        super().__init__()
+        self.temperature, self.ignore_index, self.reduction = temperature, ignore_index, reduction
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return kl_div_with_logits(
+            student_logits,
+            teacher_logits,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            labels=labels,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+
+
+_TorchLinearCrossEntropyLoss = getattr(_nn, "LinearCrossEntropyLoss", None)  # torch >= 2.13

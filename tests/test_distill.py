@@ -1,0 +1,267 @@
+"""jsd and kl_div_with_logits against fp64 references written from their documented formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import triton_losses as tl_
+from tests.fp64_checks import check_against_fp64
+
+REDUCTIONS = ["batchmean", "sum", "mean", "none"]
+BETAS = [0.0, 0.1, 0.5, 1.0]
+# (*, V): rows of 2-D and 3-D inputs; LONG: V of several blocks (fp32/fp64 blocks are <= 4096)
+SHAPES = [(4, 7), (2, 3, 9)]
+LONG = (2, 5000)
+
+
+def _reduce(rows, labels, ignore_index, reduction, V):
+    """Mask rows whose label is ``ignore_index`` and reduce as the docstrings define."""
+    keep = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels != ignore_index
+    rows = torch.where(keep, rows, torch.zeros_like(rows))
+    n = keep.sum()
+    return {"none": rows, "sum": rows.sum(), "batchmean": rows.sum() / n, "mean": rows.sum() / (n * V)}[reduction]
+
+
+def jsd_reference(input, target, beta, labels=None, ignore_index=-100, reduction="batchmean"):
+    """``beta * KL(P || M) + (1 - beta) * KL(Q || M)``, ``M = beta * P + (1 - beta) * Q`` (fp64).
+
+    ``Q = exp(input)``, ``P = exp(target)``; ``beta = 0`` is ``KL(P || Q)``, ``beta = 1`` is ``KL(Q || P)``.
+    """
+    kl = lambda log_a, log_b: F.kl_div(log_b, log_a, reduction="none", log_target=True).sum(-1)  # KL(a || b)
+    if beta == 0.0:
+        rows = kl(target, input)
+    elif beta == 1.0:
+        rows = kl(input, target)
+    else:
+        log_m = torch.log(beta * target.exp() + (1 - beta) * input.exp())
+        rows = beta * kl(target, log_m) + (1 - beta) * kl(input, log_m)
+    return _reduce(rows, labels, ignore_index, reduction, input.shape[-1])
+
+
+def kd_reference(
+    student_logits, teacher_logits, temperature=1.0, labels=None, ignore_index=-100, reduction="batchmean"
+):
+    """``KL(softmax(teacher / T) || softmax(student / T))`` per row (fp64), masked and reduced."""
+    log_q = F.log_softmax(student_logits / temperature, -1)
+    log_p = F.log_softmax(teacher_logits / temperature, -1)
+    rows = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    return _reduce(rows, labels, ignore_index, reduction, student_logits.shape[-1])
+
+
+def _labels(shape, device, ignore_index=-100, frac=0.3):
+    lab = torch.randint(0, 50, shape[:-1], device=device)
+    return torch.where(torch.rand(shape[:-1], device=device) < frac, torch.full_like(lab, ignore_index), lab)
+
+
+def _logprobs(shape, device, scale=2.0):
+    return (torch.randn(shape, device=device) * scale).log_softmax(-1)
+
+
+def _jsd_case(shape, beta, labelled, reduction, device, dtype=torch.float64, **kw):
+    tensors = {"input": _logprobs(shape, device), "target": _logprobs(shape, device)}
+    if labelled:
+        tensors["labels"] = _labels(shape, device, -1)
+    return check_against_fp64(
+        lambda **t: tl_.jsd(**t, beta=beta, ignore_index=-1, reduction=reduction),
+        lambda **t: jsd_reference(**t, beta=beta, ignore_index=-1, reduction=reduction),
+        tensors, ("input", "target"), dtype, **kw,
+    )  # fmt: skip
+
+
+def _kd_case(shape, temperature, labelled, reduction, device, dtype=torch.float64, offset=0.0, **kw):
+    tensors = {
+        "student_logits": torch.randn(shape, device=device) * 3 + offset,
+        "teacher_logits": torch.randn(shape, device=device) * 3 + offset,
+    }
+    if labelled:
+        tensors["labels"] = _labels(shape, device)
+    return check_against_fp64(
+        lambda **t: tl_.kl_div_with_logits(**t, temperature=temperature, reduction=reduction),
+        lambda **t: kd_reference(**t, temperature=temperature, reduction=reduction),
+        tensors, ("student_logits", "teacher_logits"), dtype, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("labelled", [False, True])
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_jsd_matches_fp64_formula(backend, device, shape, beta, labelled, reduction):
+    out, _ = _jsd_case(shape, beta, labelled, reduction, device)
+    assert out.shape == (shape[:-1] if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("labelled", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kl_div_with_logits_matches_fp64(backend, device, shape, temperature, labelled, reduction):
+    out, _ = _kd_case(shape, temperature, labelled, reduction, device)
+    assert out.shape == (shape[:-1] if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_rows_longer_than_one_block(backend, device, dtype):
+    for beta in BETAS:
+        _jsd_case(LONG, beta, True, "batchmean", device, dtype)
+    for temperature in (1.0, 2.5):
+        _kd_case(LONG, temperature, True, "batchmean", device, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_low_precision_within_budget(backend, device, dtype, reduction):
+    for beta in (0.0, 0.5, 1.0):
+        _jsd_case((6, 300), beta, True, reduction, device, dtype)
+    _kd_case((6, 300), 2.0, True, reduction, device, dtype)
+
+
+def test_kl_div_with_logits_is_exact_under_a_large_common_offset(backend, device):
+    """Shift invariance: +1000 on every logit costs no precision (fp32 within 2e-6 of fp64)."""
+    _kd_case((4, 257), 1.5, False, "none", device, torch.float32, offset=1000.0, lowp_oracle=False)
+
+
+def test_zero_probabilities_contribute_nothing(backend, device):
+    """-inf entries in both rows (a masked vocabulary) give the loss of the remaining entries."""
+    V, keep = 12, torch.arange(12) % 4 != 0
+    x, y = torch.randn(3, V, dtype=torch.float64, device=device), torch.randn(3, V, dtype=torch.float64, device=device)
+    x[:, ~keep], y[:, ~keep] = float("-inf"), float("-inf")
+    for beta in BETAS:
+        xi, yi = x.log_softmax(-1).requires_grad_(), y.log_softmax(-1).requires_grad_()
+        out = tl_.jsd(xi, yi, beta=beta, reduction="none")
+        ref = jsd_reference(xi.detach()[:, keep], yi.detach()[:, keep], beta, reduction="none")
+        torch.testing.assert_close(out, ref)
+        gx, gy = torch.autograd.grad(out.sum(), (xi, yi))
+        assert gx[:, ~keep].eq(0).all() and gy[:, ~keep].eq(0).all()
+    s, t = x.clone().requires_grad_(), y.clone()
+    t[:, ~keep] = float("-inf")
+    out = tl_.kl_div_with_logits(s, t, reduction="none")
+    torch.testing.assert_close(out, kd_reference(x[:, keep], y[:, keep], reduction="none"), rtol=0, atol=1e-10)
+    assert torch.isfinite(torch.autograd.grad(out.sum(), s)[0]).all()
+
+
+def test_every_row_ignored(backend, device):
+    x, y = _logprobs((3, 8), device).requires_grad_(), _logprobs((3, 8), device).requires_grad_()
+    labels = torch.full((3,), -100, device=device)
+    for fn in (tl_.jsd, tl_.kl_div_with_logits):
+        assert fn(x, y, labels=labels).isnan()  # batchmean of no rows, like torch's mean of an empty set
+        assert fn(x, y, labels=labels, reduction="sum").item() == 0.0
+        assert fn(x, y, labels=labels, reduction="none").eq(0).all()
+        gx, gy = torch.autograd.grad(fn(x, y, labels=labels), (x, y))
+        assert gx.eq(0).all() and gy.eq(0).all()
+
+
+def test_shifted_and_transposed_views(backend, device):
+    """LM-style ``logits[:, :-1]`` / ``labels[:, 1:]`` slices and a ``(T, B, V)`` transpose need no copies."""
+    s_full, t_full = torch.randn(2, 6, 33, device=device), torch.randn(2, 6, 33, device=device)
+    labels = _labels((2, 6, 33), device)[:, 1:]
+    for s, t in ((s_full[:, :-1], t_full[:, :-1]), (s_full.transpose(0, 1)[1:], t_full.transpose(0, 1)[1:])):
+        lab = labels if s.shape[:2] == labels.shape else None
+        for fn, a, b in ((tl_.kl_div_with_logits, s, t), (tl_.jsd, s.log_softmax(-1), t.log_softmax(-1))):
+            ai, ac = a.detach().requires_grad_(), a.detach().contiguous().requires_grad_()
+            out, ref = fn(ai, b, labels=lab, reduction="none"), fn(ac, b.contiguous(), labels=lab, reduction="none")
+            torch.testing.assert_close(out, ref)
+            up = torch.randn_like(out)
+            torch.testing.assert_close(torch.autograd.grad(out, ai, up)[0], torch.autograd.grad(ref, ac, up)[0])
+
+
+@pytest.mark.parametrize("fn", ["jsd", "kl_div_with_logits"])
+def test_fused_gradient_backward_twice_and_upstream_scale(backend, device, fn):
+    f = getattr(tl_, fn)
+    x, y = _logprobs((5, 40), device).requires_grad_(), _logprobs((5, 40), device)
+    labels = _labels((5, 40), device)
+    loss = f(x, y, labels=labels) * 2.5
+    loss.backward(retain_graph=True)
+    g1 = x.grad.clone()
+    loss.backward()  # the second backward recomputes (the fused buffer was handed out)
+    torch.testing.assert_close(x.grad, 2 * g1)
+    x2 = x.detach().requires_grad_()
+    (g_none,) = torch.autograd.grad(f(x2, y, labels=labels, reduction="none").sum() * 2.5, x2)
+    n = (labels != -100).sum()
+    torch.testing.assert_close(g1, g_none / n)
+
+
+def test_teacher_without_grad_gets_none(backend, device):
+    s, t = torch.randn(3, 10, device=device, requires_grad=True), torch.randn(3, 10, device=device)
+    loss = tl_.kl_div_with_logits(s, t)
+    (gs,) = torch.autograd.grad(loss, s)
+    assert t.grad is None and gs.shape == s.shape
+    torch.testing.assert_close(gs.sum(-1), torch.zeros(3, device=device), rtol=0, atol=1e-6)  # softmax gradients
+
+
+def test_gradcheck_fp64(backend, device):
+    x = _logprobs((3, 5), device).double().requires_grad_()
+    y = _logprobs((3, 5), device).double().requires_grad_()
+    labels = torch.tensor([1, -100, 2], device=device)
+    for beta in (0.0, 0.3, 1.0):
+        assert torch.autograd.gradcheck(lambda a, b: tl_.jsd(a, b, beta=beta, labels=labels), (x, y))  # noqa: B023
+    assert torch.autograd.gradcheck(lambda a, b: tl_.kl_div_with_logits(a, b, temperature=1.7, reduction="sum"), (x, y))
+
+
+def _r(*shape, device, dtype=torch.float32):
+    return torch.randn(shape, device=device, dtype=dtype)
+
+
+def _jsd34(d, **kw):
+    return tl_.jsd(_r(3, 4, device=d), _r(3, 4, device=d), **kw)
+
+
+def _kd34(d, **kw):
+    return tl_.kl_div_with_logits(_r(3, 4, device=d), _r(3, 4, device=d), **kw)
+
+
+ERRORS = [
+    (lambda d: tl_.jsd(_r(3, 4, device=d), _r(3, 5, device=d)), ValueError, "same shape"),
+    (lambda d: tl_.jsd(_r(3, 4, device=d), _r(3, 4, device=d, dtype=torch.float64)), TypeError, "dtype"),
+    (lambda d: tl_.jsd(_r(device=d), _r(device=d)), ValueError, "non-empty last"),
+    (lambda d: tl_.jsd(_r(3, 0, device=d), _r(3, 0, device=d)), ValueError, "non-empty last"),
+    (lambda d: _jsd34(d, beta=1.5), ValueError, "beta"),
+    (lambda d: _jsd34(d, reduction="avg"), ValueError, "avg is not a valid value for reduction"),
+    (lambda d: _jsd34(d, labels=torch.zeros(4, device=d, dtype=torch.long)), ValueError, "labels must have shape"),
+    (lambda d: _jsd34(d, labels=torch.zeros(3, device=d)), TypeError, "integer"),
+    (lambda d: tl_.jsd(torch.ones(3, 4, dtype=torch.long, device=d), torch.ones(3, 4, dtype=torch.long, device=d)),
+     TypeError, "floating"),
+    (lambda d: _kd34(d, temperature=0.0), ValueError, "temperature"),
+    (lambda d: tl_.kl_div_with_logits(_r(3, 4, device=d), _r(2, 4, device=d)), ValueError, "same shape"),
+    (lambda d: _kd34(d, reduction="avg"), ValueError, "avg"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(len(ERRORS)))
+def test_invalid_calls_raise_before_any_kernel(backend, device, case):
+    call, exc, match = ERRORS[case]
+    with pytest.raises(exc, match=match):
+        call(device)
+
+
+def test_modules(backend, device):
+    m = tl_.nn.JSDLoss(beta=0.3, ignore_index=-1, reduction="sum")
+    assert repr(m) == "JSDLoss(beta=0.3, ignore_index=-1, reduction='sum')" and not list(m.state_dict())
+    x, y, labels = _logprobs((4, 9), device), _logprobs((4, 9), device), _labels((4, 9), device, -1)
+    torch.testing.assert_close(
+        m(x, y, labels), tl_.jsd(x, y, beta=0.3, ignore_index=-1, labels=labels, reduction="sum")
+    )
+    k = tl_.nn.KLDivWithLogitsLoss(temperature=2.0)
+    assert "temperature=2.0" in repr(k) and k.reduction == "batchmean" and k.ignore_index == -100
+    torch.testing.assert_close(k(x, y), tl_.kl_div_with_logits(x, y, temperature=2.0))
+    assert math.isfinite(k(x, y, labels).item())
+
+
+@pytest.mark.gpu
+def test_kl_div_with_logits_uses_no_extra_vocabulary_sized_memory(device):
+    """V = 128256, bf16: fwd + bwd allocate the student gradient and O(N) statistics, nothing N x V else."""
+    N, V = 256, 128256
+    s = torch.randn(N, V, device=device, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(N, V, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    (g,) = torch.autograd.grad(tl_.kl_div_with_logits(s, t), s)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert g.shape == s.shape
+    assert extra <= N * V * 2 + (4 << 20), extra  # the bf16 gradient + small per-row buffers
