@@ -8,6 +8,7 @@ from . import nn
 from .binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from .cross_entropy import cross_entropy, nll_loss
 from .divergence import jsd, kl_div, kl_div_with_logits
+from .linear_cross_entropy import linear_cross_entropy
 from .softmax import log_softmax, softmax
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "jsd",
     "kl_div",
     "kl_div_with_logits",
+    "linear_cross_entropy",
     "log_softmax",
     "nll_loss",
     "nn",

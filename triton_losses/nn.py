@@ -12,6 +12,7 @@ from torch import nn as _nn
 from .binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from .cross_entropy import cross_entropy, nll_loss
 from .divergence import jsd, kl_div, kl_div_with_logits
+from .linear_cross_entropy import linear_cross_entropy
 from .softmax import log_softmax, softmax
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "JSDLoss",
     "KLDivLoss",
     "KLDivWithLogitsLoss",
+    "LinearCrossEntropyLoss",
     "LogSoftmax",
     "NLLLoss",
     "Softmax",
@@ -173,3 +175,98 @@ class KLDivWithLogitsLoss(_nn.Module):
 
 
 _TorchLinearCrossEntropyLoss = getattr(_nn, "LinearCrossEntropyLoss", None)  # torch >= 2.13
+
+
+class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or _nn.modules.loss._WeightedLoss):
+    """Cross-entropy of a linear layer's output, by :func:`triton_losses.linear_cross_entropy`.
+
+    Built from options only, it owns nothing but them (class weights are a buffer) and is called
+    as ``loss(input, linear_weight, target, linear_bias=None)``, so the caller's ``lm_head``
+    weight is passed in and no ``(N, V)`` logits are ever held.
+
+    Subclasses ``torch.nn.LinearCrossEntropyLoss`` where torch has it (>= 2.13), and built like it,
+    ``LinearCrossEntropyLoss(in_features, num_classes, bias=..., device=..., dtype=...)``, it is a
+    drop-in for it: it owns ``self.linear`` (same ``state_dict``) and is called as ``loss(input, target)``.
+    K-dimensional ``out_features`` are not supported.
+
+    Extra keyword-only arguments: ``z_loss``, ``softcap`` and ``chunk_size``, as in the function.
+    """
+
+    def __init__(
+        self,
+        in_features: int | None = None,
+        num_classes: int | None = None,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: torch.Tensor | None = None,
+        ignore_index: int | None = -100,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        if (in_features is None) != (num_classes is None):
+            raise TypeError("LinearCrossEntropyLoss: give both in_features and num_classes, or neither")
+        if tuple(out_features):
+            raise NotImplementedError("LinearCrossEntropyLoss: K-dimensional out_features are not supported")
+        if in_features is not None and _TorchLinearCrossEntropyLoss is not None:
+            _TorchLinearCrossEntropyLoss.__init__(
+                self, in_features, num_classes, bias=bias, device=device, dtype=dtype, reduction=reduction,
+                weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            )  # fmt: skip
+        else:
+            _nn.modules.loss._WeightedLoss.__init__(self, weight, None, None, reduction)
+            self.num_classes, self.out_features, self.options = num_classes, (), None
+            self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+            if in_features is not None:
+                self.linear = _nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+            else:
+                self.linear = None
+        self.z_loss, self.softcap, self.chunk_size = z_loss, softcap, chunk_size
+
+    def forward(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``(input, linear_weight, target, linear_bias=None)``, or ``(input, target)`` when built with a layer."""
+        if self.linear is None:
+            return self._loss(input, *args, **kwargs)
+        return self._loss(input, self.linear.weight, *args, linear_bias=self.linear.bias, **kwargs)
+
+    def _loss(
+        self,
+        input: torch.Tensor,
+        linear_weight: torch.Tensor,
+        target: torch.Tensor,
+        linear_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=-100 if self.ignore_index is None else self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        parts = []
+        if self.linear is not None:
+            parts.append(f"in_features={self.linear.in_features}, num_classes={self.num_classes}")
+            parts.append(f"bias={self.linear.bias is not None}")
+        parts.append(f"reduction={self.reduction!r}, ignore_index={self.ignore_index}")
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.z_loss:
+            parts.append(f"z_loss={self.z_loss}")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap}")
+        if self.chunk_size is not None:
+            parts.append(f"chunk_size={self.chunk_size}")
+        return ", ".join(parts)
