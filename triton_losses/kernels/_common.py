@@ -50,6 +50,13 @@ def tanh(y):
 
 
 @triton.jit
+def row_block(R, BLOCK_R: tl.constexpr):
+    """This program's ``BLOCK_R`` row indices (int64) and the mask of those ``< R``."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    return rows, rows < R
+
+
+@triton.jit
 def row_offsets(rows, B, s_a, s_b):
     """int64 offsets of rows ``rows`` (int64 vector) of a strided ``(A, C, B)`` view."""
     a = rows // B

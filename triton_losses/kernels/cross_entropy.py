@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..spec import CESpec
-from ._common import launch_config, row_offsets, tanh
+from ._common import launch_config, row_block, row_offsets, tanh
 
 _NEG_INF = tl.constexpr(float("-inf"))
 
@@ -147,9 +147,7 @@ def _ce_fwd_kernel(
     WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Per-row cross-entropy (or NLL) loss and log-sum-exp for ``BLOCK_R`` rows, optionally the gradient."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rmask = rows < R
+    rows, rmask = row_block(R, BLOCK_R)
     xoff = row_offsets(rows, B, s_xa, s_xb)
     toff = row_offsets(rows, B, s_ta, s_tb)
     wsum = _weight_sum(wsum_ptr, C, HAS_WEIGHT, ACC)
@@ -244,9 +242,7 @@ def _ce_bwd_kernel(
     WRITE_TGRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Gradient of the per-row loss for ``BLOCK_R`` rows from the saved log-sum-exp."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rmask = rows < R
+    rows, rmask = row_block(R, BLOCK_R)
     xoff = row_offsets(rows, B, s_xa, s_xb)
     toff = row_offsets(rows, B, s_ta, s_tb)
     wsum = _weight_sum(wsum_ptr, C, HAS_WEIGHT, ACC)

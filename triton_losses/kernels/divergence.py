@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_config, row_offsets
+from ._common import launch_config, row_block, row_offsets
 from ._elementwise import (
     NUM_WARPS,
     acc_dtype,
@@ -129,9 +129,7 @@ def _jsd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Per-row generalised JSD for ``BLOCK_R`` rows, and/or its gradients scaled per row."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rmask = rows < R
+    rows, rmask = row_block(R, BLOCK_R)
     keep = rmask
     if HAS_LABELS:
         lab = tl.load(lab_ptr + row_offsets(rows, B, s_la, s_lb), mask=rmask, other=ignore_index)

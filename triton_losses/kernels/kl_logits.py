@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_config, row_offsets
+from ._common import launch_config, row_block, row_offsets
 from .cross_entropy import scale_  # noqa: F401  (the fused-gradient rescale, shared with cross-entropy)
 from .divergence import launch_rows, row_configs
 
@@ -51,9 +51,7 @@ def _kd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Per-row KL(softmax(t / T) || softmax(s / T)) for ``BLOCK_R`` rows and/or its gradients."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rmask = rows < R
+    rows, rmask = row_block(R, BLOCK_R)
     keep = rmask
     if HAS_LABELS:
         lab = tl.load(lab_ptr + row_offsets(rows, B, s_la, s_lb), mask=rmask, other=ignore_index)

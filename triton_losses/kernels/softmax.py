@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_config, row_offsets
+from ._common import launch_config, row_block, row_offsets
 
 _NEG_INF = tl.constexpr(float("-inf"))
 
@@ -25,9 +25,7 @@ def _softmax_fwd_kernel(
     ACC: tl.constexpr,
 ):  # fmt: skip
     """``y = log_softmax(x)`` (LOG) or ``softmax(x)`` along C for ``BLOCK_R`` rows."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rmask = rows < R
+    rows, rmask = row_block(R, BLOCK_R)
     xoff = row_offsets(rows, B, s_xa, s_xb)
     yoff = row_offsets(rows, B, s_ya, s_yb)
     if ONE_BLOCK:
@@ -73,9 +71,7 @@ def _softmax_bwd_kernel(
     LOG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """``dx = g - exp(y) * sum(g)`` (LOG) or ``dx = y * (g - sum(g * y))`` for ``BLOCK_R`` rows."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rmask = rows < R
+    rows, rmask = row_block(R, BLOCK_R)
     yoff = row_offsets(rows, B, s_ya, s_yb)
     goff = row_offsets(rows, B, s_ga, s_gb)
     doff = row_offsets(rows, B, s_da, s_db)
