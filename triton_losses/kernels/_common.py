@@ -57,6 +57,16 @@ def row_block(R, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def kept_rows(lab_ptr, rows, rmask, B, s_la, s_lb, ignore_index, HAS_LABELS: tl.constexpr):
+    """Rows to keep: in range and, with labels ``(A, B)``, whose label is not ``ignore_index``."""
+    keep = rmask
+    if HAS_LABELS:
+        lab = tl.load(lab_ptr + row_offsets(rows, B, s_la, s_lb), mask=rmask, other=ignore_index)
+        keep = rmask & (lab.to(tl.int64) != ignore_index)
+    return keep
+
+
+@triton.jit
 def row_offsets(rows, B, s_a, s_b):
     """int64 offsets of rows ``rows`` (int64 vector) of a strided ``(A, C, B)`` view."""
     a = rows // B

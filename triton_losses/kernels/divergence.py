@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_config, row_block, row_offsets
+from ._common import kept_rows, launch_config, row_block, row_offsets
 from ._elementwise import (
     NUM_WARPS,
     acc_dtype,
@@ -130,10 +130,7 @@ def _jsd_kernel(
 ):  # fmt: skip
     """Per-row generalised JSD for ``BLOCK_R`` rows, and/or its gradients scaled per row."""
     rows, rmask = row_block(R, BLOCK_R)
-    keep = rmask
-    if HAS_LABELS:
-        lab = tl.load(lab_ptr + row_offsets(rows, B, s_la, s_lb), mask=rmask, other=ignore_index)
-        keep = rmask & (lab.to(tl.int64) != ignore_index)
+    keep = kept_rows(lab_ptr, rows, rmask, B, s_la, s_lb, ignore_index, HAS_LABELS)
     xoff = row_offsets(rows, B, s_xa, s_xb)
     yoff = row_offsets(rows, B, s_ya, s_yb)
     goff = row_offsets(rows, B, s_ga, s_gb)

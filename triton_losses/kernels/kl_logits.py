@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_config, row_block, row_offsets
+from ._common import kept_rows, launch_config, row_block, row_offsets
 from .cross_entropy import scale_  # noqa: F401  (the fused-gradient rescale, shared with cross-entropy)
 from .divergence import launch_rows, row_configs
 
@@ -52,10 +52,7 @@ def _kd_kernel(
 ):  # fmt: skip
     """Per-row KL(softmax(t / T) || softmax(s / T)) for ``BLOCK_R`` rows and/or its gradients."""
     rows, rmask = row_block(R, BLOCK_R)
-    keep = rmask
-    if HAS_LABELS:
-        lab = tl.load(lab_ptr + row_offsets(rows, B, s_la, s_lb), mask=rmask, other=ignore_index)
-        keep = rmask & (lab != ignore_index)
+    keep = kept_rows(lab_ptr, rows, rmask, B, s_la, s_lb, ignore_index, HAS_LABELS)
     soff = row_offsets(rows, B, s_sa, s_sb)
     toff = row_offsets(rows, B, s_ta, s_tb)
     inv_t = tl.load(prm_ptr).to(ACC)
