@@ -13,8 +13,7 @@ To add an op: write (or reuse) an input builder ``(size, dtype, device) -> Case`
         bytes_note="fwd N·V·b; bwd 2·N·V·b; fwd+bwd 2·N·V·b",
     ))
 
-Ops that other modules add are registered only when ``triton_losses`` has them (``hasattr``), so
-the registry works before and after they land. Byte counts are the floor an ideal implementation
+Byte counts are the floor an ideal implementation
 must move (``b`` = bytes per element of the benchmark dtype, targets int64); every provider is
 measured against the same count, so GB/s compares times and the ratio to the copy bandwidth says
 how close to the memory-bound floor a provider gets.
@@ -186,93 +185,87 @@ for _name, _torch_fn in (("log_softmax", torch.log_softmax), ("softmax", torch.s
 _ELEMENTWISE = lambda s, b: {"fwd": 2 * s.N * s.V * b, "bwd": 3 * s.N * s.V * b, "fwd+bwd": 3 * s.N * s.V * b}
 _ELEMENTWISE_NOTE = "fwd 2·E·b (input, target); bwd 3·E·b (+ gradient); fwd+bwd 3·E·b; E = N·V elements"
 
-if hasattr(triton_losses, "binary_cross_entropy_with_logits"):
-    register(
-        Op(
-            name="binary_cross_entropy_with_logits",
-            inputs=logits_and_soft_targets,
-            ours=lambda x, t: triton_losses.binary_cross_entropy_with_logits(x, t),
-            torch=lambda x, t: F.binary_cross_entropy_with_logits(x, t),
-            bytes_moved=_ELEMENTWISE,
-            bytes_note=_ELEMENTWISE_NOTE,
-        )
+register(
+    Op(
+        name="binary_cross_entropy_with_logits",
+        inputs=logits_and_soft_targets,
+        ours=lambda x, t: triton_losses.binary_cross_entropy_with_logits(x, t),
+        torch=lambda x, t: F.binary_cross_entropy_with_logits(x, t),
+        bytes_moved=_ELEMENTWISE,
+        bytes_note=_ELEMENTWISE_NOTE,
     )
+)
 
-if hasattr(triton_losses, "binary_cross_entropy"):
-    register(
-        Op(
-            name="binary_cross_entropy",
-            inputs=probs_and_soft_targets,
-            ours=lambda x, t: triton_losses.binary_cross_entropy(x, t),
-            torch=lambda x, t: F.binary_cross_entropy(x, t),
-            bytes_moved=_ELEMENTWISE,
-            bytes_note=_ELEMENTWISE_NOTE,
-        )
+register(
+    Op(
+        name="binary_cross_entropy",
+        inputs=probs_and_soft_targets,
+        ours=lambda x, t: triton_losses.binary_cross_entropy(x, t),
+        torch=lambda x, t: F.binary_cross_entropy(x, t),
+        bytes_moved=_ELEMENTWISE,
+        bytes_note=_ELEMENTWISE_NOTE,
     )
+)
 
-if hasattr(triton_losses, "kl_div"):
-    register(
-        Op(
-            name="kl_div",
-            inputs=logprobs_and_probs,
-            ours=lambda x, t: triton_losses.kl_div(x, t, reduction="batchmean"),
-            torch=lambda x, t: F.kl_div(x, t, reduction="batchmean"),
-            # fwd: read input and target. bwd: the gradient -target/N needs only the target: read it,
-            # write the gradient. fwd+bwd: read both once, write the gradient once.
-            bytes_moved=lambda s, b: {"fwd": 2 * s.N * s.V * b, "bwd": 2 * s.N * s.V * b, "fwd+bwd": 3 * s.N * s.V * b},
-            bytes_note="fwd 2·N·V·b (input, target); bwd 2·N·V·b (target, gradient); fwd+bwd 3·N·V·b",
-            liger=_liger("liger_kl_div", reduction="batchmean"),
-        )
+register(
+    Op(
+        name="kl_div",
+        inputs=logprobs_and_probs,
+        ours=lambda x, t: triton_losses.kl_div(x, t, reduction="batchmean"),
+        torch=lambda x, t: F.kl_div(x, t, reduction="batchmean"),
+        # fwd: read input and target. bwd: the gradient -target/N needs only the target: read it,
+        # write the gradient. fwd+bwd: read both once, write the gradient once.
+        bytes_moved=lambda s, b: {"fwd": 2 * s.N * s.V * b, "bwd": 2 * s.N * s.V * b, "fwd+bwd": 3 * s.N * s.V * b},
+        bytes_note="fwd 2·N·V·b (input, target); bwd 2·N·V·b (target, gradient); fwd+bwd 3·N·V·b",
+        liger=_liger("liger_kl_div", reduction="batchmean"),
     )
+)
 
-if hasattr(triton_losses, "jsd"):
-    register(
-        Op(
-            name="jsd",
-            inputs=two_logprobs,
-            ours=lambda x, t: triton_losses.jsd(x, t, beta=0.5),
-            torch=lambda x, t: jsd_torch(x, t, beta=0.5),
-            # fwd: read both rows. bwd: the gradient needs both rows: read them, write it.
-            # fwd+bwd: read both once, write the gradient once.
-            bytes_moved=lambda s, b: {"fwd": 2 * s.N * s.V * b, "bwd": 3 * s.N * s.V * b, "fwd+bwd": 3 * s.N * s.V * b},
-            bytes_note="fwd 2·N·V·b (both log-prob rows); bwd 3·N·V·b (+ gradient); fwd+bwd 3·N·V·b",
-            liger=_liger("liger_jsd", beta=0.5),
-        )
+register(
+    Op(
+        name="jsd",
+        inputs=two_logprobs,
+        ours=lambda x, t: triton_losses.jsd(x, t, beta=0.5),
+        torch=lambda x, t: jsd_torch(x, t, beta=0.5),
+        # fwd: read both rows. bwd: the gradient needs both rows: read them, write it.
+        # fwd+bwd: read both once, write the gradient once.
+        bytes_moved=lambda s, b: {"fwd": 2 * s.N * s.V * b, "bwd": 3 * s.N * s.V * b, "fwd+bwd": 3 * s.N * s.V * b},
+        bytes_note="fwd 2·N·V·b (both log-prob rows); bwd 3·N·V·b (+ gradient); fwd+bwd 3·N·V·b",
+        liger=_liger("liger_jsd", beta=0.5),
     )
+)
 
-if hasattr(triton_losses, "kl_div_with_logits"):
-    register(
-        Op(
-            name="kl_div_with_logits",
-            inputs=two_logits,
-            ours=lambda s, t: triton_losses.kl_div_with_logits(s, t),
-            torch=kl_div_with_logits_torch,
-            # fwd: read both logit rows (the two log-softmaxes are computed on chip). bwd: read both
-            # again (or use saved lse), write the student's gradient. fwd+bwd: read both once, write once.
-            bytes_moved=lambda s, b: {"fwd": 2 * s.N * s.V * b, "bwd": 3 * s.N * s.V * b, "fwd+bwd": 3 * s.N * s.V * b},
-            bytes_note="fwd 2·N·V·b (student, teacher logits); bwd 3·N·V·b (+ student gradient); fwd+bwd 3·N·V·b",
-        )
+register(
+    Op(
+        name="kl_div_with_logits",
+        inputs=two_logits,
+        ours=lambda s, t: triton_losses.kl_div_with_logits(s, t),
+        torch=kl_div_with_logits_torch,
+        # fwd: read both logit rows (the two log-softmaxes are computed on chip). bwd: read both
+        # again (or use saved lse), write the student's gradient. fwd+bwd: read both once, write once.
+        bytes_moved=lambda s, b: {"fwd": 2 * s.N * s.V * b, "bwd": 3 * s.N * s.V * b, "fwd+bwd": 3 * s.N * s.V * b},
+        bytes_note="fwd 2·N·V·b (student, teacher logits); bwd 3·N·V·b (+ student gradient); fwd+bwd 3·N·V·b",
     )
+)
 
-if hasattr(triton_losses, "linear_cross_entropy"):
-    register(
-        Op(
-            name="linear_cross_entropy",
-            inputs=hidden_weight_target,
-            ours=lambda h, w, t: triton_losses.linear_cross_entropy(h, w, t),
-            torch=lambda h, w, t: F.cross_entropy(F.linear(h, w), t),
-            # Never the N·V logits: fwd reads hidden (N·H) and the head (V·H) and the targets;
-            # bwd reads them again and writes their gradients; fwd+bwd: read once, write the gradients once.
-            bytes_moved=lambda s, b: {
-                "fwd": (s.N + s.V) * s.H * b + 8 * s.N,
-                "bwd": 2 * (s.N + s.V) * s.H * b + 8 * s.N,
-                "fwd+bwd": 2 * (s.N + s.V) * s.H * b + 8 * s.N,
-            },
-            bytes_note="fwd (N+V)·H·b + 8N; bwd and fwd+bwd 2·(N+V)·H·b + 8N (no N·V logits)",
-            axes=("N", "V", "H"),
-            # logits 2·N·H·V; backward: grad_input and grad_weight, 2·N·H·V each.
-            flops=lambda s: {"fwd": 2 * s.N * s.H * s.V, "bwd": 4 * s.N * s.H * s.V, "fwd+bwd": 6 * s.N * s.H * s.V},
-            liger=_liger("liger_fused_linear_cross_entropy"),
-            check_sizes=(Size(64, 1000, 32), Size(8, 50257, 16)),
-        )
+register(
+    Op(
+        name="linear_cross_entropy",
+        inputs=hidden_weight_target,
+        ours=lambda h, w, t: triton_losses.linear_cross_entropy(h, w, t),
+        torch=lambda h, w, t: F.cross_entropy(F.linear(h, w), t),
+        # Never the N·V logits: fwd reads hidden (N·H) and the head (V·H) and the targets;
+        # bwd reads them again and writes their gradients; fwd+bwd: read once, write the gradients once.
+        bytes_moved=lambda s, b: {
+            "fwd": (s.N + s.V) * s.H * b + 8 * s.N,
+            "bwd": 2 * (s.N + s.V) * s.H * b + 8 * s.N,
+            "fwd+bwd": 2 * (s.N + s.V) * s.H * b + 8 * s.N,
+        },
+        bytes_note="fwd (N+V)·H·b + 8N; bwd and fwd+bwd 2·(N+V)·H·b + 8N (no N·V logits)",
+        axes=("N", "V", "H"),
+        # logits 2·N·H·V; backward: grad_input and grad_weight, 2·N·H·V each.
+        flops=lambda s: {"fwd": 2 * s.N * s.H * s.V, "bwd": 4 * s.N * s.H * s.V, "fwd+bwd": 6 * s.N * s.H * s.V},
+        liger=_liger("liger_fused_linear_cross_entropy"),
+        check_sizes=(Size(64, 1000, 32), Size(8, 50257, 16)),
     )
+)
