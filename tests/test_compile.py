@@ -47,6 +47,7 @@ def test_fullgraph_compile_matches_eager(backend, device):
     torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.interpreter
 def test_custom_ops_pass_opcheck(device, monkeypatch):
     pytest.importorskip("triton")
     from triton_losses.kernels import ops

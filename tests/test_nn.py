@@ -88,6 +88,7 @@ def test_modules_pickle_and_deepcopy():
     torch.testing.assert_close(fresh.weight, m.weight)
 
 
+@pytest.mark.interpreter
 def test_weight_buffer_follows_to():
     m = tl_.nn.CrossEntropyLoss(weight=torch.rand(3)).to(torch.float64)
     assert m.weight.dtype == torch.float64

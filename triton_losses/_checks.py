@@ -62,6 +62,16 @@ def check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) 
         raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, but ``t`` itself when it already has that dtype.
+
+    Autograd Functions build their outputs with this: under ``torch.compile``, torch 2.11's dynamo
+    gives an output made by a no-op ``.to()`` of another traced value a zero upstream gradient
+    (seen on the CPU with torch 2.11.0; torch 2.13 is not affected).
+    """
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def as_3d(x: torch.Tensor, dim: int) -> torch.Tensor:
     """View ``x`` as ``(A, C, B)`` with ``C = x.shape[dim]``; copies only if no such view exists."""
     shape = x.shape

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _dispatch
-from ._checks import compiling
+from ._checks import cast, compiling
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -45,7 +45,7 @@ def finish_reduction(partials: torch.Tensor, reduction: str, numel: int, out_dty
     total = partials.sum()
     if reduction == "mean":
         total = total / numel
-    return total.to(out_dtype)
+    return cast(total, out_dtype)
 
 
 def upstream(gout: torch.Tensor, reduction: str, numel: int, shape: torch.Size) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES, cast
 
 ROW_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
@@ -93,11 +93,11 @@ def denominator(labels, ignore_index: int, R: int, V: int, reduction: str, acc, 
 def finish(loss_rows: torch.Tensor, reduction: str, denom: torch.Tensor, out_dtype) -> torch.Tensor:
     """Reduce per-row losses (fp32/fp64) and cast to the output dtype."""
     if reduction == "none":
-        return loss_rows.to(out_dtype)
+        return cast(loss_rows, out_dtype)
     total = loss_rows.sum()
     if reduction != "sum":
         total = total / denom[0]
-    return total.to(out_dtype)
+    return cast(total, out_dtype)
 
 
 def row_scale(gout: torch.Tensor, reduction: str, coef: torch.Tensor, acc) -> torch.Tensor:

@@ -12,6 +12,7 @@ from ._checks import (
     FLOAT_DTYPES,
     TorchAccepted,
     as_3d,
+    cast,
     check_target_range,
     compiling,
     raise_like_torch,
@@ -75,11 +76,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             loss_rows, lse = impl.ce_fwd(x, t, spec, coef, grad)
         if reduction == "none":
-            out = loss_rows.to(out_dtype)
+            out = cast(loss_rows, out_dtype)
         elif reduction == "sum":
-            out = loss_rows.sum().to(out_dtype)
+            out = cast(loss_rows.sum(), out_dtype)
         else:
-            out = (loss_rows.sum() / denom[0]).to(out_dtype)
+            out = cast(loss_rows.sum() / denom[0], out_dtype)
         ctx.save_for_backward(x, t, weight, wsum, lse, coef)
         ctx.grad_buf = grad
         ctx.options, ctx.backend, ctx.inplace = options, backend, inplace
