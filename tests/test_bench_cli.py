@@ -36,6 +36,7 @@ def scratch_registry(monkeypatch):
     return registry.OPS
 
 
+@pytest.mark.interpreter
 def test_quick_bench_writes_json_and_markdown(tmp_path, capsys):
     rc, doc, md = _bench(tmp_path, "--ops", "cross_entropy", "softmax")
     out = capsys.readouterr().out
@@ -60,16 +61,20 @@ def test_quick_bench_writes_json_and_markdown(tmp_path, capsys):
         assert r["copy_fraction"]["fwd+bwd"] == pytest.approx(r["gbps"]["fwd+bwd"] / doc["copy_bandwidth"]["gbps"])
         assert r["memory"]["peak_bytes"] >= r["memory"]["inputs_bytes"] > 0
         assert r["memory"]["extra_bytes"] > 0  # at least the gradient
+        assert r["memory"]["grads_bytes"] > 0
+        assert r["memory"]["extra_bytes"] >= r["memory"]["grads_bytes"]  # the step allocates its gradients
     # the markdown: the reproducing command at the top, one table per op, every measured row
     head = md.splitlines()[:8]
     assert any(line == meta["command"] for line in head)
     assert "## cross_entropy" in md and "## softmax" in md
+    assert "| work MiB |" in md and "work MiB: " in md
     shown = [r for r in doc["results"] if r["status"] in ("ok", "error")]
     assert md.count("| 8 | 300 |") == sum(r["N"] == 8 for r in shown) >= 4
     assert md.count("| 4 | 1000 |") == sum(r["N"] == 4 for r in shown) >= 4
     assert "cross_entropy" in out and "copy bandwidth" in out
 
 
+@pytest.mark.interpreter
 def test_missing_and_skipped_providers_are_reported(tmp_path, capsys):
     rc, doc, md = _bench(tmp_path, "--ops", "nll_loss")
     out = capsys.readouterr().out
@@ -129,6 +134,7 @@ def test_new_op_is_a_few_lines(tmp_path, scratch_registry):
     assert main(["check", "--ops", "double_sum"]) == 0
 
 
+@pytest.mark.interpreter
 def test_check_passes(capsys):
     assert main(["check", "--ops", "cross_entropy", "softmax", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out

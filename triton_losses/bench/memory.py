@@ -12,7 +12,8 @@
   seconds each, and in one process freed memory the C allocator keeps hides later peaks from RSS.
 
 The gradient the step leaves in ``.grad`` counts (it is allocated during the step). The reported
-``peak_bytes`` adds the inputs' bytes, so it is what the step needs in all.
+``peak_bytes`` adds the inputs' bytes, so it is what the step needs in all; ``extra_bytes -
+grads_bytes`` is the working memory beyond the inputs and the gradients the step must return.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _PROFILER_NOISE = ("USDT:", "STAGE:", "Memory block of unknown size")
 
 
 def peak_memory(fn: Callable, case: Case, device: torch.device) -> dict:
-    """``{"peak_bytes", "extra_bytes", "inputs_bytes", "method"}`` for one forward+backward of ``fn``."""
+    """``{"peak_bytes", "extra_bytes", "inputs_bytes", "grads_bytes", "method"}`` for one forward+backward."""
     case.clear_grads()
     gc.collect()
     if device.type == "cuda":
@@ -50,7 +51,14 @@ def peak_memory(fn: Callable, case: Case, device: torch.device) -> dict:
         extra, method = torch.cuda.max_memory_allocated(device) - base, CUDA_METHOD
     else:
         extra, method = _cpu_extra_peak(lambda: fwd_bwd(fn, case)), CPU_METHOD
-    return {"peak_bytes": case.nbytes + extra, "extra_bytes": extra, "inputs_bytes": case.nbytes, "method": method}
+    grads = sum(t.numel() * t.element_size() for t in case.grad_inputs)
+    return {
+        "peak_bytes": case.nbytes + extra,
+        "extra_bytes": extra,
+        "inputs_bytes": case.nbytes,
+        "grads_bytes": grads,
+        "method": method,
+    }
 
 
 def _cpu_extra_peak(run: Callable[[], None]) -> int:

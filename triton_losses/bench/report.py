@@ -20,6 +20,7 @@ COLUMNS = (
     ("% copy", 6),
     ("TFLOP/s", 7),
     ("peak MiB", 9),
+    ("work MiB", 9),
     ("speedup", 7),
     ("mem/torch", 9),
 )
@@ -30,6 +31,7 @@ NOTES = (
     "% copy: that against the device's copy bandwidth measured in this run (above 100: the data sat in "
     "cache, or the traffic is mostly writes, such as nll_loss's zero-filled gradient).",
     "peak MiB: inputs + the most memory allocated on top of them during one fwd+bwd (the gradient included).",
+    "work MiB: the most memory allocated during one fwd+bwd beyond the inputs and the gradients it returns.",
     "speedup: torch eager's fwd+bwd time / this provider's (above 1 is faster); "
     "mem/torch: this provider's peak / torch eager's (below 1 is leaner).",
     "TFLOP/s (matmul ops): the FLOPs of fwd+bwd (counted per op) / the fwd+bwd median.",
@@ -85,6 +87,7 @@ def cells(row: dict, op_info: dict) -> list[str]:
         _sig(None if frac is None else 100 * frac),
         *tflops,
         _num(None if "peak_bytes" not in mem else mem["peak_bytes"] / MIB),
+        _num(None if "grads_bytes" not in mem else (mem["extra_bytes"] - mem["grads_bytes"]) / MIB),
         _num(row.get("speedup_vs_torch"), 2),
         _num(row.get("memory_vs_torch"), 2),
     ]
