@@ -273,11 +273,57 @@ def test_weight_and_bias_gradients_accumulate_in_fp32(backend, device):
     w = torch.randn(V, H, device=device).to(torch.bfloat16).requires_grad_()
     b = torch.randn(V, device=device).to(torch.bfloat16).requires_grad_()
     t = torch.full((N,), 3, device=device)
-    loss = tl_.linear_cross_entropy(x, w, t, linear_bias=b, reduction="sum", chunk_size=1)
     ops64 = [v.detach().double().requires_grad_() for v in (x, w, b)]
     ref = torch.autograd.grad(_ref(*ops64[:2], t, ops64[2], reduction="sum"), ops64[1:])
     lowp = torch.autograd.grad(F.cross_entropy(F.linear(x, w, b), t, reduction="sum"), (w, b))
-    for g, r, lp in zip(torch.autograd.grad(loss, (w, b)), ref, lowp):
+    for fp32 in (None, True):  # the default keeps an fp32 accumulator this small
+        loss = tl_.linear_cross_entropy(x, w, t, linear_bias=b, reduction="sum", chunk_size=1, fp32_weight_grad=fp32)
+        for g, r, lp in zip(torch.autograd.grad(loss, (w, b)), ref, lowp):
+            budget_close(g, r, lp)
+    # fp32_weight_grad=False really sums the weight gradient in bf16: here, ~25% short
+    loss = tl_.linear_cross_entropy(x, w, t, linear_bias=b, reduction="sum", chunk_size=1, fp32_weight_grad=False)
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    budget_close(gb, ref[1], lowp[1])
+    short = ((gw.double() - ref[0]).abs() / ref[0].abs()).max()
+    assert short > 0.1, short
+
+
+def test_weight_grad_accumulator_policy(monkeypatch):
+    """fp32 accumulator for 16-bit weights while it fits the budget; the weight's dtype beyond it."""
+    w16 = torch.empty(1000, 64, dtype=torch.bfloat16)
+    assert chunks.weight_grad_dtype(torch.empty(1000, 64), None) == torch.float32
+    assert chunks.weight_grad_dtype(torch.empty(10, 4, dtype=torch.float64), False) == torch.float64
+    assert chunks.weight_grad_dtype(w16, None) == torch.float32
+    assert chunks.weight_grad_dtype(w16, False) == torch.bfloat16
+    monkeypatch.setitem(chunks.WGRAD_FP32_BYTES, "cpu", 1000 * 64 * 4 - 1)
+    assert chunks.weight_grad_dtype(w16, None) == torch.bfloat16
+    assert chunks.weight_grad_dtype(w16, True) == torch.float32
+    # the GPU bar shape (bf16, V=128256, H=4096): 2.1 GB of fp32 would not fit the 1 GB bar
+    assert chunks.WGRAD_FP32_BYTES["cuda"] < 128256 * 4096 * 4
+    with pytest.raises(ValueError, match="fp32_weight_grad"):
+        tl_.linear_cross_entropy(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]), fp32_weight_grad="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_weight_grad_in_its_own_dtype_within_error_budget(backend, device, dtype, reduction):
+    """``fp32_weight_grad=False`` with 4 chunks (as the default plans at the GPU bar shape): one
+    rounding per chunk stays within the budget of torch's own 16-bit ``linear`` + ``cross_entropy``."""
+    N, H, V = 64, 16, 300
+    x, w, b = _operands(N, H, V, device, dtype=dtype, bias=True, scale=1.5)
+    kw = dict(weight=(torch.rand(V, device=device) + 0.5).to(dtype), ignore_index=1, label_smoothing=0.1)
+    t = _targets((N,), V, device, 1)
+    ours = tl_.linear_cross_entropy(
+        x, w, t, linear_bias=b, reduction=reduction, chunk_size=16, fp32_weight_grad=False, **kw
+    )
+    ops64 = [v.detach().double().requires_grad_() for v in (x, w, b)]
+    ref = _ref(*ops64[:2], t, ops64[2], reduction=reduction, **kw)
+    lowp = F.cross_entropy(F.linear(x, w, b), t, reduction=reduction, **kw)  # torch in dtype: the budget
+    up = torch.rand(ref.shape, dtype=torch.float64, device=device) + 0.5
+    budget_close(ours, ref.detach(), lowp)
+    g_lowp = _grads(lowp, (x, w, b), up.to(dtype))
+    for g, r, lp in zip(_grads(ours, (x, w, b), up.to(dtype)), _grads(ref, ops64, up), g_lowp):
+        assert g.dtype == dtype
         budget_close(g, r, lp)
 
 
@@ -450,6 +496,21 @@ def test_no_op_ever_produces_an_n_by_v_tensor(backend, device, reduction):
     assert control.max >= N * V * 4
 
 
+def test_past_the_budget_no_fp32_weight_sized_buffer(backend, device, monkeypatch):
+    """A 16-bit weight whose fp32 gradient accumulator exceeds the budget is never given one."""
+    N, H, V, chunk = 32, 64, 97, 8
+    x, w, b = _operands(N, H, V, device, dtype=torch.bfloat16, bias=True)
+    t = _targets((N,), V, device, -100)
+    monkeypatch.setitem(chunks.WGRAD_FP32_BYTES, "cpu", V * H * 4 - 1)
+    sizes = {}
+    for fp32 in (None, True):
+        with _MaxBytes() as seen:
+            loss = tl_.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=chunk, fp32_weight_grad=fp32)
+            loss.backward()
+        sizes[fp32] = seen.max
+    assert sizes[None] < V * H * 4 <= sizes[True], sizes
+
+
 _RSS_PROBE = textwrap.dedent(
     """
     import ctypes, gc, json, sys
@@ -515,6 +576,18 @@ class TestModule:
         torch.testing.assert_close(out, ref)
         assert "z_loss=0.001" in repr(m) and "chunk_size=3" in repr(m)
 
+    def test_passes_fp32_weight_grad(self, backend, device):
+        x, w, _ = _operands(64, 4, 16, device, dtype=torch.bfloat16)
+        t = _targets((64,), 16, device)
+        grads = {}
+        for fp32 in (False, True):
+            m = tl_.nn.LinearCrossEntropyLoss(reduction="sum", chunk_size=1, fp32_weight_grad=fp32)
+            assert f"fp32_weight_grad={fp32}" in repr(m)
+            (grads[fp32],) = torch.autograd.grad(m(x, w, t), (w,))
+            f = tl_.linear_cross_entropy(x, w, t, reduction="sum", chunk_size=1, fp32_weight_grad=fp32)
+            assert torch.equal(grads[fp32], torch.autograd.grad(f, (w,))[0])
+        assert not torch.equal(grads[False], grads[True])
+
     def test_class_weight_is_a_buffer(self, backend, device):
         cw = torch.rand(11, device=device)
         m = tl_.nn.LinearCrossEntropyLoss(weight=cw, ignore_index=2)
@@ -547,8 +620,8 @@ def test_gpu_hot_path_has_no_host_sync_and_bounded_memory(monkeypatch):
     """bf16 on CUDA with the target check off: no host sync at all, and no logits-sized allocation.
 
     Beyond the inputs and the returned gradients, the call may hold the fp32 weight-gradient
-    accumulator (V*H*4), its bf16 result while it is cast, and the chunk buffer; the logits would be
-    N*V*2 = 512 MiB.
+    accumulator (V*H*4 = 128 MiB, within the default budget), its bf16 result while it is cast, and
+    the chunk buffer; the logits would be N*V*2 = 512 MiB.
     """
     N, H, V, chunk = 4096, 512, 65536, 512
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -572,6 +645,40 @@ def test_gpu_hot_path_has_no_host_sync_and_bounded_memory(monkeypatch):
     extra = torch.cuda.max_memory_allocated() - base - (x.numel() + w.numel()) * 2
     assert extra <= V * H * 4 + V * H * 2 + chunk * V * 2 + (16 << 20), extra / 2**20
     ref = F.cross_entropy(F.linear(x.detach().float(), w.detach().float()), t)
+    torch.testing.assert_close(loss.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_bar_shape_stays_under_1gb_beyond_inputs_and_gradients():
+    """Issue 4's GPU bar: bf16, N=8192, H=4096, V=128256, forward + backward, default options.
+
+    The logits alone would be 2.1 GB (and their gradient as much again); the fp32 weight-gradient
+    accumulator would be 2.1 GB, so the default accumulates it in bf16 here (4 chunks of 2048 rows).
+    """
+    N, H, V = 8192, 4096, 128256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, H, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(V, H, device="cuda", generator=g) / H**0.5).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda", generator=g)
+    assert chunks.weight_grad_dtype(w, None) == torch.bfloat16
+    tl_.linear_cross_entropy(x, w, t).backward()  # warm-up
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = tl_.linear_cross_entropy(x, w, t)
+    loss.backward()
+    torch.cuda.synchronize()
+    beyond = torch.cuda.max_memory_allocated() - base - (x.numel() + w.numel()) * 2  # minus the gradients
+    assert beyond < 1e9, beyond / 2**20
+    with torch.no_grad():  # the loss against an fp32 evaluation, in row blocks
+        ref = (
+            sum(
+                F.cross_entropy(F.linear(x[i : i + 1024].float(), w.float()), t[i : i + 1024], reduction="sum")
+                for i in range(0, N, 1024)
+            )
+            / N
+        )
     torch.testing.assert_close(loss.float(), ref, rtol=2e-2, atol=2e-2)
 
 

@@ -7,7 +7,8 @@ Per chunk of ``m`` rows (one ``(m, V)`` buffer, allocated once and reused):
    buffer into ``coef * gout * dloss/dlogits`` in place (the Triton forward kernel does it in the
    same launch that computes the row's loss and lse; the reference runs its forward, then its backward);
 3. ``grad_input[rows] = dlogits @ W``, ``grad_W += dlogits.T @ x[rows]`` and ``grad_b += dlogits.sum(0)``,
-   the last two accumulated in fp32 (fp64 for fp64).
+   ``grad_b`` accumulated in fp32 (fp64 for fp64), ``grad_W`` in fp32 too unless that accumulator would
+   be too big (see ``weight_grad_dtype``).
 
 Rows whose target is ``ignore_index`` are left out of the chunks (``rows`` lists the others), so they
 cost no matmul work; see ``live_rows`` for when that is possible without a host sync.
@@ -41,6 +42,18 @@ BUFFER_BYTES = {"cuda": 512 << 20, "cpu": 16 << 20}
 # weight-gradient accumulator, which shorter chunks cannot amortise (CPU, H=256, V=128256, N=1024:
 # 32 rows 2.54 s, 64 rows 1.94 s, 128 rows 1.72 s, 256 rows 1.60 s; eager 2.12 s).
 MIN_ROWS = {"cuda": 128, "cpu": 128}
+# Largest fp32 (V, H) weight-gradient accumulator the default keeps for a 16-bit weight, per device type.
+#
+# Accumulating grad_W over the chunks in fp32 costs V*H*4 bytes, and its cast to the weight's dtype
+# another V*H*2 while both live: at V=128256, H=4096 that is 2.1 GB + 1.05 GB, more than the logits
+# buffer and more than the issue's "< 1 GB beyond inputs and gradients" allows. Past this size the
+# weight gradient is accumulated in its own dtype instead: each chunk's GEMM still sums its rows in
+# fp32 (cuBLAS / oneDNN accumulate 16-bit GEMMs in fp32) and adds the previous partial sum before one
+# rounding, so the result carries one rounding per chunk instead of one in all (4 chunks at the GPU
+# bar shape; tests/test_linear_cross_entropy.py measures the error against torch's). The same trade
+# Liger-Kernel makes always; ``fp32_weight_grad=True`` keeps the fp32 accumulator at any size.
+# 256 MiB with the 512 MiB logits buffer keeps the CUDA working set within 1 GB, e.g. V=32000, H=2048.
+WGRAD_FP32_BYTES = {"cuda": 256 << 20, "cpu": 256 << 20}
 # Columns of the (V-slice, H) temporary when a 16-bit weight gradient is added to its fp32 accumulator
 # on a device whose matmul cannot write fp32 from 16-bit operands.
 _WGRAD_SLICE_BYTES = 32 << 20
@@ -60,6 +73,7 @@ class Problem(NamedTuple):
         n: number of rows computed (``N`` when ``rows`` is None).
         chunk: rows per chunk.
         backend: ``"triton"`` or ``"torch"``.
+        wgrad: dtype ``grad_W`` is accumulated in (see ``weight_grad_dtype``).
     """
 
     x: torch.Tensor
@@ -71,10 +85,28 @@ class Problem(NamedTuple):
     n: int
     chunk: int
     backend: str
+    wgrad: torch.dtype
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def weight_grad_dtype(w: torch.Tensor, fp32: bool | None) -> torch.dtype:
+    """The dtype the weight gradient ``(V, H)`` is accumulated in over the chunks.
+
+    fp32 (fp64 for fp64) when ``fp32`` is True, or when it is None and the accumulator fits in
+    ``WGRAD_FP32_BYTES``; else the weight's own dtype (one rounding per chunk). fp32 and fp64 weights
+    always accumulate in their own dtype, which is already the accumulation dtype.
+    """
+    acc = acc_dtype(w.dtype)
+    if w.dtype == acc or fp32:
+        return acc
+    if fp32 is None:
+        kind = "cuda" if w.is_cuda else "cpu"
+        if w.numel() * torch.finfo(acc).bits // 8 <= WGRAD_FP32_BYTES[kind]:
+            return acc
+    return w.dtype
 
 
 def may_sync(t: torch.Tensor) -> bool:
@@ -162,11 +194,12 @@ def _mm_writes_fp32(acc: torch.Tensor, a: torch.Tensor) -> bool:
 
 
 def add_weight_grad(acc: torch.Tensor, dl: torch.Tensor, xc: torch.Tensor) -> None:
-    """``acc += dl.T @ xc`` with ``acc`` ``(V, H)`` in fp32/fp64, ``dl`` ``(m, V)``, ``xc`` ``(m, H)``.
+    """``acc += dl.T @ xc`` with ``acc`` ``(V, H)``, ``dl`` ``(m, V)``, ``xc`` ``(m, H)``.
 
-    Same dtype: one in-place ``addmm_``. 16-bit operands: a matmul that writes fp32 where the
-    device has one, else V-slices of a 16-bit product (one rounding per chunk, fp32 accumulation
-    across chunks) so the temporary stays small instead of ``(V, H)``.
+    Same dtype (fp32/fp64 operands, or a 16-bit accumulator): one in-place ``addmm_``. 16-bit
+    operands into an fp32 accumulator: a matmul that writes fp32 where the device has one, else
+    V-slices of a 16-bit product (one rounding per chunk, fp32 accumulation across chunks) so the
+    temporary stays small instead of ``(V, H)``.
     """
     if dl.dtype == acc.dtype:
         acc.addmm_(dl.t(), xc)
@@ -245,7 +278,7 @@ def run(
     if need[0]:
         gi = (torch.zeros if rows is not None else torch.empty)(N, H, dtype=x.dtype, device=dev)
     if need[1]:
-        gw = torch.zeros(V, H, dtype=acc, device=dev)
+        gw = torch.zeros(V, H, dtype=p.wgrad, device=dev)
     if need[2]:
         gb = torch.zeros(V, dtype=acc, device=dev)
     total = torch.zeros((), dtype=acc, device=dev) if forward else None

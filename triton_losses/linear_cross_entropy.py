@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import _dispatch
 from . import _linear_ce_chunks as chunks
-from ._checks import FLOAT_DTYPES, reduction_string
+from ._checks import FLOAT_DTYPES, cast, reduction_string
 from .cross_entropy import _denominator, cross_entropy
 from .spec import CESpec
 
@@ -31,34 +31,34 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, t, weight, rows, n, options, reduction, backend, chunk, out_dtype):
+    def forward(ctx, x, w, b, t, weight, rows, n, options, reduction, backend, chunk, wgrad, out_dtype):
         acc = chunks.acc_dtype(x.dtype)
         V = w.shape[0]
         wsum = None if weight is None else weight.sum(dtype=acc).reshape(1)
         spec = CESpec(weight, wsum, *options)
-        p = chunks.Problem(x, w, b, t, spec, rows, n, chunk, backend)
+        p = chunks.Problem(x, w, b, t, spec, rows, n, chunk, backend, wgrad)
         denom = _denominator(t, spec, V, x.shape[0], acc)
         coef = 1.0 / denom if reduction == "mean" else torch.ones(1, dtype=acc, device=x.device)
         need = tuple(ctx.needs_input_grad[:3])
         fuse = reduction != "none" and any(need)
         res = chunks.run(p, coef, need if fuse else (False, False, False), per_row=reduction == "none", save_lse=True)
         if reduction == "none":
-            out = res.rows_loss.to(out_dtype)
+            out = cast(res.rows_loss, out_dtype)
         elif reduction == "sum":
-            out = res.total.to(out_dtype)
+            out = cast(res.total, out_dtype)
         else:
-            out = (res.total / denom[0]).to(out_dtype)
+            out = cast(res.total / denom[0], out_dtype)
         ctx.save_for_backward(x, w, b, t, weight, wsum, rows, res.lse, coef)
         ctx.grads = res.grads if fuse else None
-        ctx.plan = (n, options, reduction, backend, chunk)
+        ctx.plan = (n, options, reduction, backend, chunk, wgrad)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
         x, w, b, t, weight, wsum, rows, lse, coef = ctx.saved_tensors
-        n, options, reduction, backend, chunk = ctx.plan
-        nones = (None,) * 9
+        n, options, reduction, backend, chunk, wgrad = ctx.plan
+        nones = (None,) * 10
         if ctx.grads is not None:
             grads, ctx.grads = ctx.grads, None
             factor = gout.reshape(1)
@@ -73,7 +73,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         g = gout.reshape(-1).to(acc)
         if reduction == "none" and rows is not None:
             g = g.index_select(0, rows)
-        p = chunks.Problem(x, w, b, t, CESpec(weight, wsum, *options), rows, n, chunk, backend)
+        p = chunks.Problem(x, w, b, t, CESpec(weight, wsum, *options), rows, n, chunk, backend, wgrad)
         res = chunks.run(p, coef, need, lse=lse, gout=g.contiguous())
         return (*res.grads, *nones)
 
@@ -149,14 +149,15 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    fp32_weight_grad: bool | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``linear(input, linear_weight, linear_bias)``, never holding the logits.
 
     Computes ``cross_entropy(linear(input, W, b), target, ...)`` with the classes in the last
     dimension (as ``torch.nn.functional.linear_cross_entropy``) and its gradients for ``input``,
     ``W`` and ``b``, one chunk of rows at a time: peak working memory is one ``(chunk, V)`` buffer.
-    Rows whose target is ``ignore_index`` cost no matmul work. Gradients of ``W`` and ``b`` are
-    accumulated over the chunks in fp32 (fp64 for fp64).
+    Rows whose target is ``ignore_index`` cost no matmul work. The gradient of ``b`` is accumulated
+    over the chunks in fp32 (fp64 for fp64); that of ``W`` too, unless ``fp32_weight_grad`` says otherwise.
 
     Args:
         input: hidden states ``(H,)``, ``(N, H)`` or ``(..., H)``, floating dtype.
@@ -172,6 +173,11 @@ def linear_cross_entropy(
         softcap: if set, logits become ``softcap * tanh(logits / softcap)`` before the softmax.
         chunk_size: rows per chunk; None picks it from the logits-buffer budget (see
             ``_linear_ce_chunks.chunk_rows``).
+        fp32_weight_grad: for a 16-bit ``W``: accumulate its gradient over the chunks in an fp32
+            ``(V, H)`` buffer (True; 4 bytes per weight element of extra memory), or in ``W``'s dtype
+            (False; each chunk's GEMM sums in fp32, then rounds once when adding to the running
+            gradient, so one rounding per chunk). None: fp32 when that buffer fits in
+            ``_linear_ce_chunks.WGRAD_FP32_BYTES`` (256 MiB), else ``W``'s dtype.
 
     Returns:
         The loss in ``input``'s dtype (promoted with a probability target's dtype): 0-d for
@@ -184,6 +190,8 @@ def linear_cross_entropy(
         raise ValueError(f"z_loss must be finite, got {z_loss!r}")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if fp32_weight_grad not in (None, True, False):
+        raise ValueError(f"fp32_weight_grad must be True, False or None, got {fp32_weight_grad!r}")
     op = "linear_cross_entropy"
     why = _unsupported(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing)
     if why is not None:
@@ -210,6 +218,7 @@ def linear_cross_entropy(
         if weight is not None:
             out_dtype = torch.promote_types(out_dtype, weight.dtype)
     out = LinearCrossEntropyFunction.apply(
-        x, linear_weight, linear_bias, t, weight, rows, n, options, reduction, backend, chunk, out_dtype
-    )
+        x, linear_weight, linear_bias, t, weight, rows, n, options, reduction, backend, chunk,
+        chunks.weight_grad_dtype(linear_weight, fp32_weight_grad), out_dtype,
+    )  # fmt: skip
     return out.reshape(batch) if reduction == "none" else out

@@ -189,7 +189,8 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or _nn.modules.loss._W
     drop-in for it: it owns ``self.linear`` (same ``state_dict``) and is called as ``loss(input, target)``.
     K-dimensional ``out_features`` are not supported.
 
-    Extra keyword-only arguments: ``z_loss``, ``softcap`` and ``chunk_size``, as in the function.
+    Extra keyword-only arguments: ``z_loss``, ``softcap``, ``chunk_size`` and ``fp32_weight_grad``,
+    as in the function.
     """
 
     def __init__(
@@ -208,6 +209,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or _nn.modules.loss._W
         z_loss: float = 0.0,
         softcap: float | None = None,
         chunk_size: int | None = None,
+        fp32_weight_grad: bool | None = None,
     ) -> None:
         if (in_features is None) != (num_classes is None):
             raise TypeError("LinearCrossEntropyLoss: give both in_features and num_classes, or neither")
@@ -227,6 +229,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or _nn.modules.loss._W
             else:
                 self.linear = None
         self.z_loss, self.softcap, self.chunk_size = z_loss, softcap, chunk_size
+        self.fp32_weight_grad = fp32_weight_grad
 
     def forward(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``(input, linear_weight, target, linear_bias=None)``, or ``(input, target)`` when built with a layer."""
@@ -253,6 +256,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or _nn.modules.loss._W
             z_loss=self.z_loss,
             softcap=self.softcap,
             chunk_size=self.chunk_size,
+            fp32_weight_grad=self.fp32_weight_grad,
         )
 
     def extra_repr(self) -> str:
@@ -269,4 +273,6 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or _nn.modules.loss._W
             parts.append(f"softcap={self.softcap}")
         if self.chunk_size is not None:
             parts.append(f"chunk_size={self.chunk_size}")
+        if self.fp32_weight_grad is not None:
+            parts.append(f"fp32_weight_grad={self.fp32_weight_grad}")
         return ", ".join(parts)
