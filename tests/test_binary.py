@@ -12,6 +12,7 @@ from torch import nn
 import triton_losses as tl_
 from tests.fp64_checks import check_against_fp64
 from tests.helpers import budget_close, same_error
+from triton_losses.reference import binary as binary_ref
 
 REDUCTIONS = ["none", "mean", "sum"]
 # (input shape, weight shape, pos_weight shape): broadcasts along every axis, a layout that
@@ -78,6 +79,20 @@ def test_fp32_within_budget(backend, device, shapes, reduction):
     """fp32 inputs, fp32 accumulation: within twice torch's own fp32 error of the fp64 result."""
     test_bce_with_logits_matches_fp64(backend, device, shapes, "both", reduction, torch.float32)
     test_bce_matches_fp64(backend, device, shapes, True, reduction, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shapes", [BROADCASTS[7], BROADCASTS[8], BROADCASTS[9]], ids=str)
+def test_reference_many_chunks(backend, device, shapes, dtype, monkeypatch):
+    """The CPU reference with tiny chunks: many chunks per call, and single leading indices whose rest
+    is chunked again (computed into the output in place for fp32 / fp64, copied for bf16)."""
+    if backend != "torch":
+        pytest.skip("the chunking is the reference's")
+    monkeypatch.setattr(binary_ref, "CHUNK_ELEMS", 7)
+    for reduction in REDUCTIONS:
+        test_bce_with_logits_matches_fp64(backend, device, shapes, "both", reduction, dtype)
+        test_bce_with_logits_matches_fp64(backend, device, shapes, "plain", reduction, dtype)
+        test_bce_matches_fp64(backend, device, shapes, True, reduction, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

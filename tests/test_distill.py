@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import triton_losses as tl_
 from tests.fp64_checks import check_against_fp64
+from triton_losses.reference import divergence as divergence_ref
 
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
 BETAS = [0.0, 0.1, 0.5, 1.0]
@@ -142,6 +143,59 @@ def test_zero_probabilities_contribute_nothing(backend, device):
     out = tl_.kl_div_with_logits(s, t, reduction="none")
     torch.testing.assert_close(out, kd_reference(x[:, keep], y[:, keep], reduction="none"), rtol=0, atol=1e-10)
     assert torch.isfinite(torch.autograd.grad(out.sum(), s)[0]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_reference_many_row_blocks(backend, device, dtype, monkeypatch):
+    """The CPU reference with one or two rows per block (fused forward, recomputing backward)."""
+    if backend != "torch":
+        pytest.skip("the row blocks are the reference's")
+    monkeypatch.setattr(divergence_ref, "ROW_BLOCK_ELEMS", 10)
+    for shape in (*SHAPES, (5, 4)):
+        for reduction in ("sum", "none"):
+            for beta in BETAS:
+                _jsd_case(shape, beta, True, reduction, device, dtype)
+            _kd_case(shape, 2.5, True, reduction, device, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_rows_that_need_masks_next_to_plain_rows(backend, device, reduction, monkeypatch):
+    """Rows with -inf (zero probabilities), NaN or a vanishing mixture, in blocks with ordinary rows:
+    each row's loss and gradients are those it has alone (the reference redoes such blocks with masks)."""
+    monkeypatch.setattr(divergence_ref, "ROW_BLOCK_ELEMS", 24)  # two rows of 12 per block
+    V = 12
+    x, y = torch.randn(6, V, dtype=torch.float64, device=device), torch.randn(6, V, dtype=torch.float64, device=device)
+    x[1, :3], y[1, :3] = float("-inf"), float("-inf")  # a masked vocabulary in both
+    y[2, 4] = float("-inf")  # the teacher alone
+    x[3, 5] = float("nan")
+    x, y = x.log_softmax(-1), y.log_softmax(-1)
+    x[4, 0], y[4, 0] = -1000.0, -744.0  # q = 0 and p subnormal: beta * p underflows to 0
+    labels = torch.tensor([0, 1, 2, 3, 4, -100], device=device)
+    y[5] = float("nan")  # a dropped row: loss and gradients 0 whatever its values
+    fns = [(tl_.kl_div_with_logits, kd_reference, {})]
+    fns += [(tl_.jsd, lambda a, b, beta=beta, **kw: jsd_reference(a, b, beta, **kw), {"beta": beta}) for beta in BETAS]
+    for fn, ref_fn, kw in fns:
+        xi, yi = x.clone().requires_grad_(), y.clone().requires_grad_()
+        out = fn(xi, yi, labels=labels, reduction=reduction, **kw)
+        gx, gy = torch.autograd.grad(out.sum(), (xi, yi))
+        rows = out if reduction == "none" else None
+        for r in range(6):
+            xr, yr = x[r : r + 1].clone().requires_grad_(), y[r : r + 1].clone().requires_grad_()
+            alone = fn(xr, yr, labels=labels[r : r + 1], reduction="none", **kw)
+            ax, ay = torch.autograd.grad(alone.sum(), (xr, yr))
+            if r == 5:
+                assert alone.item() == 0.0 and ax.eq(0).all() and ay.eq(0).all()
+            if rows is not None:
+                torch.testing.assert_close(rows[r : r + 1], alone, equal_nan=True)
+            if r != 3:  # the NaN row: its own gradients are NaN, and so, under 'sum', is the loss
+                torch.testing.assert_close(gx[r : r + 1], ax, equal_nan=True)
+                torch.testing.assert_close(gy[r : r + 1], ay, equal_nan=True)
+        if reduction == "sum":
+            assert out.isnan()
+        else:  # row 1 is its finite entries' loss; row 4 stays finite (log M from logaddexp, not log(0))
+            keep = torch.isfinite(x[1])
+            torch.testing.assert_close(rows[1:2], ref_fn(x[1:2, keep], y[1:2, keep], reduction="none"))
+            assert torch.isfinite(rows[4])
 
 
 def test_every_row_ignored(backend, device):

@@ -12,6 +12,7 @@ from torch import nn
 import triton_losses as tl_
 from tests.fp64_checks import check_against_fp64
 from tests.helpers import same_error
+from triton_losses.reference import binary as binary_ref
 
 REDUCTIONS = ["none", "mean", "sum", "batchmean"]
 # (input shape, target shape): equal shapes, 0-d, 1-D, broadcasting of either operand, empty.
@@ -67,6 +68,18 @@ def test_kl_div_matches_fp64(backend, device, shapes, log_target, reduction, dty
 def test_kl_div_fp32_within_budget(backend, device, shapes, reduction):
     for log_target in (False, True):
         test_kl_div_matches_fp64(backend, device, shapes, log_target, reduction, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shapes", [SHAPES[3], SHAPES[7], SHAPES[8]], ids=str)
+def test_kl_div_reference_many_chunks(backend, device, shapes, dtype, monkeypatch):
+    """The CPU reference with tiny chunks: many chunks per call, broadcast operands, chunks of chunks."""
+    if backend != "torch":
+        pytest.skip("the chunking is the reference's")
+    monkeypatch.setattr(binary_ref, "CHUNK_ELEMS", 7)
+    for reduction in REDUCTIONS:
+        for log_target in (False, True):
+            test_kl_div_matches_fp64(backend, device, shapes, log_target, reduction, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
