@@ -78,12 +78,18 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-# Widest column block per element size: a block of 16 KiB per row keeps one row block in
-# registers for 8-16 warps; longer rows take the online (running max / sum) loop.
-_MAX_BLOCK_C = {2: 8192, 4: 4096, 8: 2048}
+# Tile elements each thread holds when a program has one row, per element size, and the most
+# warps a program gets. Chosen statically, as no GPU has timed them yet: compiled for sm_80 and
+# sm_90 (ptxas register counts, read by tests/test_aot_compile.py), 32 bf16 values per thread
+# (8192-column blocks at 8 warps, the first guess) spilled up to 504 bytes of registers in the
+# weighted / smoothed / distillation kernels, and 512-thread programs are capped at 128 registers,
+# which spilled too; 16 per thread (8 for fp64, two registers each) at 8 warps spills at most a
+# few words. Programs holding several short rows (``BLOCK_R > 1``) carry per-row state as well, so
+# they hold half as much. Longer rows take the online (running max / sum) loop over blocks of
+# 4096 columns (2048 for fp64). Time wider tiles and 16 warps on a GPU before calling this tuned.
+_PER_THREAD = {2: 16, 4: 16, 8: 8}
+_MAX_WARPS = 8
 _MIN_BLOCK_C = 16
-# Tile size (rows * cols) for short rows, so that many short rows share a program.
-_TILE = 4096
 
 
 def launch_config(C: int, elem_size: int, col_contiguous: bool) -> tuple[int, int, int]:
@@ -91,16 +97,20 @@ def launch_config(C: int, elem_size: int, col_contiguous: bool) -> tuple[int, in
 
     Rows whose classes are contiguous (``stride_c == 1``) are tiled along the row; K-dim rows
     (classes strided, neighbouring rows contiguous) are tiled across rows, so loads coalesce.
+    Short rows share a program (``BLOCK_R > 1``) in a tile half as large.
     """
+    per_thread = _PER_THREAD[elem_size]
+    tile = 32 * _MAX_WARPS * per_thread
     block_c = max(_MIN_BLOCK_C, next_pow2(C))
     if col_contiguous:
-        block_c = min(block_c, _MAX_BLOCK_C[elem_size])
-        block_r = max(1, min(64, _TILE // block_c))
+        block_c = min(block_c, tile)
+        block_r = max(1, min(64, tile // 2 // block_c))
     else:
         block_c = min(block_c, 32)
-        block_r = max(1, min(256, _TILE // block_c))
-    tile = block_r * block_c
-    num_warps = 4 if tile <= 2048 else (8 if tile <= 8192 else 16)
+        block_r = max(1, min(256, tile // 2 // block_c))
+    if block_r > 1:
+        per_thread //= 2
+    num_warps = max(4, min(_MAX_WARPS, block_r * block_c // (32 * per_thread)))
     return block_r, block_c, num_warps
 
 

@@ -2,7 +2,9 @@
 
 ``python -m triton_losses.kernels.aot ARCH [ARCH ...]`` compiles each case that a kernels
 module's ``aot_cases()`` lists to cubin for ``sm_ARCH`` and prints one JSON line per case:
-``{"case": ..., "arch": ..., "error": null | "..."}``. It must run without ``TRITON_INTERPRET``
+``{"case": ..., "arch": ..., "error": null | "...", "regs": ..., "stack": ...}``, the last two
+being the registers per thread and the stack frame (register spills) in bytes that the cubin
+declares, read with the ``cuobjdump`` that ships with triton (null where there is none). It must run without ``TRITON_INTERPRET``
 (the interpreter replaces ``@triton.jit`` functions); the tests start it as a subprocess.
 """
 
@@ -12,7 +14,10 @@ import importlib
 import json
 import os
 import pkgutil
+import re
+import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 
@@ -29,6 +34,21 @@ def all_cases() -> dict:
     return out
 
 
+def _resources(cubin: bytes) -> tuple[int | None, int | None]:
+    """``(registers per thread, stack bytes)`` of the one kernel in ``cubin``, or Nones."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
+
+
 def _compile(key_arch: tuple[str, int]) -> dict:
     key, arch = key_arch
     case = all_cases()[key]
@@ -40,12 +60,14 @@ def _compile(key_arch: tuple[str, int]) -> dict:
         src = ASTSource(fn=case.kernel, signature=case.signature(), constexprs=case.constexprs)
         out = triton_compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps})
         error = None if len(out.asm["cubin"]) > 0 else "empty cubin"
+        regs, stack = _resources(out.asm["cubin"]) if error is None else (None, None)
     except Exception as e:  # reported, not raised: one bad case must not hide the others
         chain = [e]
         while chain[-1].__cause__ or chain[-1].__context__:
             chain.append(chain[-1].__cause__ or chain[-1].__context__)
         error = " <- ".join(f"{type(c).__name__}: {c}"[-600:] for c in reversed(chain))[-3000:]
-    return {"case": key, "arch": arch, "error": error}
+        regs = stack = None
+    return {"case": key, "arch": arch, "error": error, "regs": regs, "stack": stack}
 
 
 def main(argv: list[str]) -> int:

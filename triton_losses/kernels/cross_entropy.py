@@ -397,19 +397,20 @@ def scale_(g: torch.Tensor, factor: torch.Tensor) -> None:
 def aot_cases():
     """Every specialisation the launchers above can produce (see ``tests/test_aot_compile.py``).
 
-    All flag combinations at the most common configuration (bf16 logits, one 8K-column block per
-    row), then every reachable block configuration of every dtype with the plain flags.
+    All flag combinations at the most common configuration (bf16 logits, rows of an LM vocabulary
+    in column blocks), then every reachable block configuration of every dtype with the plain flags.
     """
     from itertools import product
 
-    from ._common import TL_NAMES, AotCase, reachable_configs
+    from ._common import TL_NAMES, AotCase, launch_config, reachable_configs
 
     def ptrs(x: str, t: str):
         return dict(x_ptr=x, t_ptr=t, w_ptr="fp32", wsum_ptr="fp32", loss_ptr="fp32", lse_ptr="fp32",
                     g_ptr=x, coef_ptr="fp32", gout_ptr="fp32", dt_ptr=t)  # fmt: skip
 
     floats = ("smoothing", "z_loss", "softcap")
-    tile = dict(BLOCK_R=1, BLOCK_C=8192, ACC=tl.float32)
+    block_r, block_c, lm_warps = launch_config(128256, 2, True)
+    tile = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl.float32)
     for prob, logp, weight, smooth, z, cap in product((False, True), repeat=6):
         if logp and (prob or smooth or z or cap):
             continue
@@ -417,9 +418,9 @@ def aot_cases():
                      HAS_SMOOTHING=smooth, HAS_Z=z, HAS_SOFTCAP=cap, **tile)  # fmt: skip
         p = ptrs("bf16", "bf16" if prob else "i64")
         for write in (False, True) if not logp else (False,):
-            yield AotCase(_ce_fwd_kernel, p, dict(flags, WRITE_GRAD=write), 8, floats)
+            yield AotCase(_ce_fwd_kernel, p, dict(flags, WRITE_GRAD=write), lm_warps, floats)
         for tgrad in (False, True) if prob else (False,):
-            yield AotCase(_ce_bwd_kernel, p, dict(flags, WRITE_TGRAD=tgrad), 8, floats)
+            yield AotCase(_ce_bwd_kernel, p, dict(flags, WRITE_TGRAD=tgrad), lm_warps, floats)
     plain = dict(HAS_WEIGHT=False, PROB_TARGET=False, LOGP_INPUT=False,
                  HAS_SMOOTHING=False, HAS_Z=False, HAS_SOFTCAP=False)  # fmt: skip
     for dtype, name in TL_NAMES.items():
