@@ -126,6 +126,22 @@ def test_kl_div_with_logits_is_exact_under_a_large_common_offset(backend, device
     _kd_case((4, 257), 1.5, False, "none", device, torch.float32, offset=1000.0, lowp_oracle=False)
 
 
+@pytest.mark.parametrize("where", [0, 150, 299], ids=["first", "middle", "last"])
+def test_kl_div_with_logits_huge_negative_logit_costs_no_precision(backend, device, where):
+    """A finite but huge negative logit (a token masked with -1e30) anywhere in the rows, fp32."""
+    s, t = torch.randn(3, 300, device=device) * 3, torch.randn(3, 300, device=device) * 3
+    s[:, where], t[:, where] = -1e30, -1e30
+    t[1, where] = 0.5  # the teacher gives it mass where the student all but gives none: a KL of ~5e26
+    s.requires_grad_()
+    out = tl_.kl_div_with_logits(s, t, temperature=1.5, reduction="none")
+    ref = kd_reference(s.detach().double(), t.double(), temperature=1.5, reduction="none")
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6)
+    (g,) = torch.autograd.grad(out[[0, 2]].sum(), s)
+    s64 = s.detach().double().requires_grad_()
+    (gr,) = torch.autograd.grad(kd_reference(s64, t.double(), temperature=1.5, reduction="none")[[0, 2]].sum(), s64)
+    torch.testing.assert_close(g.double(), gr, rtol=2e-5, atol=2e-6)
+
+
 def test_zero_probabilities_contribute_nothing(backend, device):
     """-inf entries in both rows (a masked vocabulary) give the loss of the remaining entries."""
     V, keep = 12, torch.arange(12) % 4 != 0

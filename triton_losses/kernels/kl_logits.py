@@ -4,11 +4,13 @@ Per row, with ``s = student / T`` and ``t = teacher / T``, ``p = softmax(t)``, `
 
     loss = sum_v p_v * (log p_v - log q_v) = E_p[t - s] - lse(t) + lse(s)
 
-One online pass over the vocabulary keeps, for each of the two rows, the running maximum and
-sum of exponentials, plus the running ``sum_v exp(t_v - m_t) * (t_v - s_v)`` (rescaled like the
-sum when the maximum grows); no log-probability row is ever written. Both rows are first shifted
-by their first logit (``s = (student - student[0]) / T``; the loss is shift-invariant), so a large
-common offset in the logits costs no precision. Gradients::
+One online pass over the vocabulary keeps, for each of the two rows, the running maximum ``m``
+and sum of exponentials ``z = sum_v exp(x_v - m)``, plus ``D = sum_v exp(t_v - m_t) * ((t_v - m_t)
+- (s_v - m_s))``, rebased whenever a maximum grows; no log-probability row is ever written. Then
+``loss = D / z_t - log z_t + log z_s`` (the maxima cancel), and the gradient pass computes
+``log q = (s - m_s) - log z_s`` as torch's ``log_softmax`` does. The maxima are those of the raw
+logits, whose differences are taken before the ``1 / T`` scaling, so neither a large common offset
+nor a huge negative logit anywhere in the row costs precision. Gradients::
 
     d loss / d student = (q - p) / T
     d loss / d teacher = p * (log p - log q - loss) / T
@@ -28,13 +30,7 @@ from .cross_entropy import scale_  # noqa: F401  (the fused-gradient rescale, sh
 from .divergence import launch_rows, row_configs
 
 _NEG_INF = tl.constexpr(float("-inf"))
-_INF = tl.constexpr(float("inf"))
 FUSES_GRAD = True
-
-
-@triton.jit
-def _finite_or_zero(v):
-    return tl.where(tl.abs(v) < _INF, v, 0.0)
 
 
 @triton.jit
@@ -43,7 +39,7 @@ def _kd_kernel(
     t_ptr, s_ta, s_tb, s_tv,  # teacher logits (A, B, V)
     lab_ptr, s_la, s_lb,  # labels (A, B), when HAS_LABELS
     prm_ptr,  # (1,) ACC: 1 / temperature
-    stat_ptr,  # (3, R) ACC: per-row loss, lse of the shifted student / T, of the shifted teacher / T
+    stat_ptr,  # (5, R) ACC: per-row loss, then the raw max c and log sum exp((x - c) / T) of student, teacher
     gs_ptr, s_gs,  # gradient scale per row: (R,) with stride 1, or one value with stride 0
     ds_ptr, dt_ptr, s_ga, s_gb, s_gv,  # gradients w.r.t. student / teacher logits (A, B, V)
     R, B, V, ignore_index,
@@ -56,42 +52,47 @@ def _kd_kernel(
     soff = row_offsets(rows, B, s_sa, s_sb)
     toff = row_offsets(rows, B, s_ta, s_tb)
     inv_t = tl.load(prm_ptr).to(ACC)
-    ref_s = _finite_or_zero(tl.load(s_ptr + soff, mask=rmask, other=0.0).to(ACC))
-    ref_t = _finite_or_zero(tl.load(t_ptr + toff, mask=rmask, other=0.0).to(ACC))
     if STATS_KNOWN:
         loss = tl.load(stat_ptr + rows, mask=rmask, other=0.0).to(ACC)
-        lse_s = tl.load(stat_ptr + R + rows, mask=rmask, other=0.0).to(ACC)
-        lse_t = tl.load(stat_ptr + 2 * R + rows, mask=rmask, other=0.0).to(ACC)
+        c_s = tl.load(stat_ptr + R + rows, mask=rmask, other=0.0).to(ACC)
+        lz_s = tl.load(stat_ptr + 2 * R + rows, mask=rmask, other=0.0).to(ACC)
+        c_t = tl.load(stat_ptr + 3 * R + rows, mask=rmask, other=0.0).to(ACC)
+        lz_t = tl.load(stat_ptr + 4 * R + rows, mask=rmask, other=0.0).to(ACC)
     else:
         m_s = tl.full([BLOCK_R], _NEG_INF, ACC)
         m_t = tl.full([BLOCK_R], _NEG_INF, ACC)
+        c_s = tl.zeros([BLOCK_R], ACC)  # the shifts in use: the raw maxima, 0 while they are -inf
+        c_t = tl.zeros([BLOCK_R], ACC)
         z_s = tl.zeros([BLOCK_R], ACC)
         z_t = tl.zeros([BLOCK_R], ACC)
-        d = tl.zeros([BLOCK_R], ACC)  # sum_v exp(t_v - m_t) * (t_v - s_v)
+        d = tl.zeros([BLOCK_R], ACC)  # sum_v exp((t_v - c_t) / T) * ((t_v - c_t) - (s_v - c_s)) / T
         for c0 in range(0, V, BLOCK_C):
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
             mask = rmask[:, None] & (cols < V)[None, :]
+            # Raw logits, shifted by the raw maxima before the 1 / T scaling: near the maximum the
+            # difference is exact, so a large common offset costs nothing (scaling first would not).
             s = tl.load(s_ptr + soff[:, None] + cols[None, :] * s_sv, mask=mask, other=_NEG_INF).to(ACC)
             t = tl.load(t_ptr + toff[:, None] + cols[None, :] * s_tv, mask=mask, other=_NEG_INF).to(ACC)
-            s = (s - ref_s[:, None]) * inv_t
-            t = (t - ref_t[:, None]) * inv_t
             new_s = tl.maximum(m_s, tl.max(s, 1))
-            shift_s = tl.where(new_s == _NEG_INF, 0.0, new_s)
-            z_s = z_s * tl.exp(m_s - shift_s) + tl.sum(tl.exp(s - shift_s[:, None]), 1)
-            m_s = new_s
             new_t = tl.maximum(m_t, tl.max(t, 1))
-            shift_t = tl.where(new_t == _NEG_INF, 0.0, new_t)
-            alpha = tl.exp(m_t - shift_t)
-            e = tl.exp(t - shift_t[:, None])
-            z_t = z_t * alpha + tl.sum(e, 1)
-            d = d * alpha + tl.sum(tl.where(e == 0.0, 0.0, e * (t - s)), 1)
-            m_t = new_t
-        lse_s = m_s + tl.log(z_s)
-        lse_t = m_t + tl.log(z_t)
-        loss = d / z_t - lse_t + lse_s
+            n_s = tl.where(new_s == _NEG_INF, 0.0, new_s)
+            n_t = tl.where(new_t == _NEG_INF, 0.0, new_t)
+            alpha_t = tl.exp((m_t - n_t) * inv_t)
+            # Rebase D's terms to the new shifts (each moves by the change of c_s minus that of c_t).
+            d = tl.where(z_t == 0.0, 0.0, alpha_t * (d + z_t * ((n_s - c_s) - (n_t - c_t)) * inv_t))
+            z_s = z_s * tl.exp((m_s - n_s) * inv_t) + tl.sum(tl.exp((s - n_s[:, None]) * inv_t), 1)
+            e = tl.exp((t - n_t[:, None]) * inv_t)
+            z_t = z_t * alpha_t + tl.sum(e, 1)
+            d += tl.sum(tl.where(e == 0.0, 0.0, e * ((t - n_t[:, None]) - (s - n_s[:, None])) * inv_t), 1)
+            m_s, m_t, c_s, c_t = new_s, new_t, n_s, n_t
+        lz_s = tl.log(z_s)
+        lz_t = tl.log(z_t)
+        loss = d / z_t - lz_t + lz_s
         tl.store(stat_ptr + rows, tl.where(keep, loss, 0.0), mask=rmask)
-        tl.store(stat_ptr + R + rows, lse_s, mask=rmask)
-        tl.store(stat_ptr + 2 * R + rows, lse_t, mask=rmask)
+        tl.store(stat_ptr + R + rows, c_s, mask=rmask)
+        tl.store(stat_ptr + 2 * R + rows, lz_s, mask=rmask)
+        tl.store(stat_ptr + 3 * R + rows, c_t, mask=rmask)
+        tl.store(stat_ptr + 4 * R + rows, lz_t, mask=rmask)
     if WRITE_DS or WRITE_DT:
         scale = tl.load(gs_ptr + rows * s_gs, mask=keep, other=0.0).to(ACC) * inv_t
         goff = row_offsets(rows, B, s_ga, s_gb)
@@ -100,8 +101,8 @@ def _kd_kernel(
             mask = rmask[:, None] & (cols < V)[None, :]
             s = tl.load(s_ptr + soff[:, None] + cols[None, :] * s_sv, mask=mask, other=0.0).to(ACC)
             t = tl.load(t_ptr + toff[:, None] + cols[None, :] * s_tv, mask=mask, other=0.0).to(ACC)
-            log_q = (s - ref_s[:, None]) * inv_t - lse_s[:, None]
-            log_p = (t - ref_t[:, None]) * inv_t - lse_t[:, None]
+            log_q = (s - c_s[:, None]) * inv_t - lz_s[:, None]
+            log_p = (t - c_t[:, None]) * inv_t - lz_t[:, None]
             p = tl.exp(log_p)
             gof = goff[:, None] + cols[None, :] * s_gv
             if WRITE_DS:
@@ -131,12 +132,12 @@ def kd_fwd(s, t, labels, inv_temp: float, ignore_index: int, gscale, need_ds: bo
         need_ds, need_dt: write the gradients of ``sum_r gscale * loss_r`` w.r.t. ``s`` / ``t``.
 
     Returns:
-        ``(stats, ds, dt)``: stats ``(3, A * B)`` fp32 (fp64) = (loss, lse of the student row and of
-        the teacher row, each shifted by its first logit and divided by T), masked rows' loss 0;
-        gradients ``(A, B, V)`` contiguous, or None.
+        ``(stats, ds, dt)``: stats ``(5, A * B)`` fp32 (fp64) = (loss, then the max and the
+        log-sum-exp minus the max of the student row / T, then of the teacher row / T), masked rows'
+        loss 0; gradients ``(A, B, V)`` contiguous, or None.
     """
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    stats = torch.empty(3, s.shape[0] * s.shape[1], dtype=acc, device=s.device)
+    stats = torch.empty(5, s.shape[0] * s.shape[1], dtype=acc, device=s.device)
     ds = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_ds else None
     dt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_dt else None
     _launch(s, t, labels, inv_temp, ignore_index, stats, False, gscale, ds, dt)

@@ -139,13 +139,13 @@ def jsd_bwd(x, y, labels, beta: float, ignore_index: int, gscale, need_gx: bool,
 
 @torch.library.custom_op("triton_losses::kd_fwd", mutates_args=())
 def _kd_fwd_op(s: Tensor, t: Tensor, labels: Tensor | None, inv_temp: float, ignore_index: int) -> Tensor:
-    """Per-row statistics ``(3, A * B)`` fp32 (fp64): loss and the two shifted log-sum-exps."""
+    """Per-row statistics ``(5, A * B)`` fp32 (fp64): loss, then max and log-sum-exp-minus-max of each row."""
     return _kd.kd_fwd(s, t, labels, inv_temp, ignore_index, None, False, False)[0]
 
 
 @_kd_fwd_op.register_fake
 def _(s, t, labels, inv_temp, ignore_index):
-    return s.new_empty(3, s.shape[0] * s.shape[1], dtype=_acc(s))
+    return s.new_empty(5, s.shape[0] * s.shape[1], dtype=_acc(s))
 
 
 @torch.library.custom_op("triton_losses::kd_bwd", mutates_args=())
