@@ -83,8 +83,10 @@ def test_aot_cases_cover_every_launch_configuration():
     from triton_losses.kernels import _elementwise, binary, divergence, kl_logits
     from triton_losses.kernels._common import launch_config
 
-    blocks = set(_elementwise.reachable_blocks())
-    assert {_elementwise.block_config(d) for d in range(1, 20000)} <= blocks
+    for itemsize in (2, 4, 8):
+        tile = _elementwise.tile_for(itemsize)
+        blocks = set(_elementwise.reachable_blocks(tile))
+        assert {_elementwise.block_config(d, tile) for d in range(1, 20000)} <= blocks
     names = {repr(c).split("[")[0] for m in (binary, divergence, kl_logits) for c in m.aot_cases()}
     assert names == {"_bce_fwd_kernel", "_bce_bwd_kernel", "_kl_fwd_kernel", "_kl_bwd_kernel", "_jsd_kernel",
                      "_kd_kernel", "_scale_kernel"}  # fmt: skip

@@ -14,8 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements per program: one tile of BLOCK_R * BLOCK_C lanes.
+# Elements per program: one tile of BLOCK_R * BLOCK_C lanes, 16 per thread at 8 warps; fp64 values
+# take two registers each, and at 4096 the fp64 kernels spilled 40-48 bytes (tests/test_aot_compile.py).
 TILE = 4096
+TILE_FP64 = 2048
 NUM_WARPS = 8
 MAX_DIMS = 3
 
@@ -82,21 +84,26 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def block_config(D2: int) -> tuple[int, int]:
-    """``(BLOCK_R, BLOCK_C)`` for rows of ``D2`` columns: one TILE of lanes per program.
+def tile_for(elem_size: int) -> int:
+    """Lanes per program for elements of ``elem_size`` bytes."""
+    return TILE_FP64 if elem_size == 8 else TILE
 
-    ``BLOCK_C`` is the power of 2 at or above ``D2`` (at most TILE), so narrow rows share a
+
+def block_config(D2: int, tile: int = TILE) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_C)`` for rows of ``D2`` columns: one ``tile`` of lanes per program.
+
+    ``BLOCK_C`` is the power of 2 at or above ``D2`` (at most ``tile``), so narrow rows share a
     program; at worst half the lanes idle (the kernels are memory-bound).
     """
     block_c = 1
-    while block_c < min(D2, TILE):
+    while block_c < min(D2, tile):
         block_c *= 2
-    return TILE // block_c, block_c
+    return tile // block_c, block_c
 
 
-def reachable_blocks() -> list[tuple[int, int]]:
-    """Every ``(BLOCK_R, BLOCK_C)`` that ``block_config`` can return (for AOT tests)."""
-    return sorted({block_config(1 << p) for p in range(0, 14)})
+def reachable_blocks(tile: int = TILE) -> list[tuple[int, int]]:
+    """Every ``(BLOCK_R, BLOCK_C)`` that ``block_config`` can return for ``tile`` (for AOT tests)."""
+    return sorted({block_config(1 << p, tile) for p in range(0, 14)})
 
 
 def plan(shape: torch.Size, operands: list[torch.Tensor]) -> tuple[tuple[int, int, int], list[tuple]] | None:
@@ -189,7 +196,7 @@ def launch_forward(kernel, inputs: list, reduce: bool, **flags) -> torch.Tensor:
     if x.numel() == 0:
         return torch.zeros(0, dtype=acc, device=x.device) if reduce else out
     dims, (out,), inputs, st = prepare(shape, [out], inputs)
-    R, block_r, block_c, n_prog = launch_geometry(dims)
+    R, block_r, block_c, n_prog = launch_geometry(dims, tile_for(x.element_size()))
     part = torch.empty(n_prog if reduce else 1, dtype=acc, device=x.device)
     kernel[(n_prog,)](
         *_operand_args(inputs, st[1:], out), out, *st[0], part, R, dims[1], dims[2],
@@ -216,7 +223,7 @@ def launch_backward(kernel, inputs: list, need_dx: bool, need_dy: bool, **flags)
         return dx, dy
     dims, outs, inputs, st = prepare(shape, outs, inputs)
     dx, dy = (outs.pop(0) if need else None for need in (need_dx, need_dy))
-    R, block_r, block_c, n_prog = launch_geometry(dims)
+    R, block_r, block_c, n_prog = launch_geometry(dims, tile_for(x.element_size()))
     kernel[(n_prog,)](
         *_operand_args(inputs, st[-len(inputs) :], x), dx if need_dx else dy, dy if need_dy else dx, *st[0],
         R, dims[1], dims[2],
@@ -226,9 +233,9 @@ def launch_backward(kernel, inputs: list, need_dx: bool, need_dy: bool, **flags)
     return dx, dy
 
 
-def launch_geometry(dims: tuple[int, int, int]) -> tuple[int, int, int, int]:
+def launch_geometry(dims: tuple[int, int, int], tile: int = TILE) -> tuple[int, int, int, int]:
     """``(R, BLOCK_R, BLOCK_C, n_programs)`` for collapsed dims ``(D0, D1, D2)``."""
     D0, D1, D2 = dims
     R = D0 * D1
-    block_r, block_c = block_config(D2)
+    block_r, block_c = block_config(D2, tile)
     return R, block_r, block_c, triton.cdiv(R, block_r) * triton.cdiv(D2, block_c)

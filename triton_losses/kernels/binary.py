@@ -177,7 +177,7 @@ def aot_cases():
     from itertools import product
 
     from ._common import TL_NAMES
-    from ._elementwise import TILE, reachable_blocks
+    from ._elementwise import TILE, reachable_blocks, tile_for
 
     def ptrs(d: str, acc: str, g: str) -> dict:
         return dict(x_ptr=d, y_ptr=d, w_ptr=d, p_ptr=d, out_ptr=d, part_ptr=acc, g_ptr=g, dx_ptr=d, dy_ptr=d)
@@ -192,11 +192,12 @@ def aot_cases():
             yield _case(_bce_bwd_kernel, ptrs("bf16", "fp32", g), dict(flags, WRITE_DX=dx, WRITE_DY=dy), NUM_WARPS)
     for name in TL_NAMES.values():
         acc, acc_name = (tl.float64, "fp64") if name == "fp64" else (tl.float32, "fp32")
-        for block_r, block_c in reachable_blocks():
+        tile = tile_for(8 if name == "fp64" else 4)
+        for block_r, block_c in reachable_blocks(tile):
             flags = dict(LOGITS=True, HAS_WEIGHT=False, HAS_POS_WEIGHT=False, BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc)
             for reduce in (False, True):
                 yield _case(_bce_fwd_kernel, ptrs(name, acc_name, acc_name), dict(flags, REDUCE=reduce), NUM_WARPS)
-            grads = sorted({name, acc_name}) if block_c == TILE else [name]
+            grads = sorted({name, acc_name}) if block_c == tile else [name]
             for g in grads:
                 bwd = dict(flags, WRITE_DX=True, WRITE_DY=False)
                 yield _case(_bce_bwd_kernel, ptrs(name, acc_name, g), bwd, NUM_WARPS)

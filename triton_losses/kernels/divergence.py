@@ -288,7 +288,7 @@ def aot_cases():
     from itertools import product
 
     from ._common import TL_NAMES
-    from ._elementwise import TILE, reachable_blocks
+    from ._elementwise import TILE, reachable_blocks, tile_for
     from .cross_entropy import _scale_kernel
 
     def kl_ptrs(d: str, acc: str, g: str) -> dict:
@@ -313,11 +313,12 @@ def aot_cases():
         yield _case(_jsd_kernel, jsd_ptrs("bf16", "fp32"), flags, big_warps)
     for dtype, name in TL_NAMES.items():
         acc, acc_name = (tl.float64, "fp64") if name == "fp64" else (tl.float32, "fp32")
-        for block_r, block_c in reachable_blocks():
+        tile = tile_for(8 if name == "fp64" else 4)
+        for block_r, block_c in reachable_blocks(tile):
             flags = dict(LOG_TARGET=False, BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc)
             for reduce in (False, True):
                 yield _case(_kl_fwd_kernel, kl_ptrs(name, acc_name, acc_name), dict(flags, REDUCE=reduce), NUM_WARPS)
-            for g in sorted({name, acc_name}) if block_c == TILE else [name]:
+            for g in sorted({name, acc_name}) if block_c == tile else [name]:
                 bwd = dict(flags, WRITE_DX=True, WRITE_DY=False)
                 yield _case(_kl_bwd_kernel, kl_ptrs(name, acc_name, g), bwd, NUM_WARPS)
         for block_r, block_c, warps in row_configs(getattr(torch, dtype).itemsize):
