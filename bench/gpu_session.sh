@@ -1,41 +1,100 @@
 #!/usr/bin/env bash
-# The GPU work of the open issues, in two steps that each fit one 10-minute device command:
+# One prepared GPU session, in order of value, within 9 minutes on a fresh H100/H200 (the image's
+# torch 2.11 / triton 3.6, no internet):
 #
-#   bash bench/gpu_session.sh tests   # -m gpu tier, the whole suite on CUDA tensors, `triton-losses check`
-#   bash bench/gpu_session.sh bench   # issue 2/3/4 benchmark shapes: ours vs eager, torch.compile, Liger
+#   bash bench/gpu_session.sh            # on the GPU machine
+#   bash bench/gpu_session.sh --dry-run  # every step at toy sizes on this CPU (tests/test_bench_cli.py runs it)
 #
-# Results go to $OUT (the device tool's folder; default out/gpu), at most 8 files, to be copied to
-# bench/results/ and committed. Optional wheels (e.g. liger-kernel) are installed from .whl/ if present.
+#   1. device facts: name, SMs, L2, memory, measured copy bandwidth        -> session.log
+#   2. the `-m gpu` test tier                                               -> gpu-tests.log
+#   3. cross-entropy sweep: variants x launch configurations at N=8192 x V in {128256, 32000, 262144}
+#      bf16, forward with and without the gradient write, GB/s and % of copy bandwidth
+#                                                                           -> ce-sweep.jsonl, tables in session.log
+#   4. cross-entropy and linear cross-entropy vs torch eager               -> bench.json, bench.md
+#   5. the same against torch.compile and Liger-Kernel, if time is left    -> bench-extra.json, bench-extra.md
+#   6. `triton-losses check`                                                -> check.log
+#   then the launch-configuration table the sweep implies.
+#
+# Each step runs under its own `timeout`, sized from what is left of the session; its output goes
+# straight to its file in $OUT (the device tool's folder; default out/gpu) as it is written, and the
+# console shows its tail. At most 8 files. Optional wheels (e.g. liger-kernel) install from .whl/ if present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+SESSION_S=${GPU_SESSION_S:-530}  # the whole script; the device tool allows 600 s per command
+START=$SECONDS
+LOG="$OUT/session.log"
+: >"$LOG"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+
+say() { echo "$*" | tee -a "$LOG"; }
+left() { echo $((SESSION_S - (SECONDS - START))); }
+
+# step NAME LIMIT_S RESERVE_S FILE CMD...: run CMD for at most LIMIT_S seconds and never into the
+# last RESERVE_S seconds of the session; stdout+stderr to $OUT/FILE (appended for session.log).
+step() {
+    local name=$1 limit=$2 reserve=$3 file=$4 t0=$SECONDS rc
+    shift 4
+    local avail=$(($(left) - reserve))
+    [ "$avail" -lt "$limit" ] && limit=$avail
+    if [ "$limit" -lt 15 ]; then
+        say "== $name: skipped, $(left) s left in the session"
+        return 0
+    fi
+    say "== $name (at most ${limit} s) -> $OUT/$file"
+    if [ "$file" = session.log ]; then
+        timeout -k 10 "$limit" "$@" >>"$OUT/$file" 2>&1
+        rc=$?
+    else
+        timeout -k 10 "$limit" "$@" >"$OUT/$file" 2>&1
+        rc=$?
+        tail -n 15 "$OUT/$file"
+    fi
+    say "== $name: exit $rc after $((SECONDS - t0)) s$([ "$rc" = 124 ] && echo ' (timed out)')"
+}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || say "wheels: install failed"
     export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package is pure Python: no install needed
-tl() { python3 -m triton_losses "$@"; }
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" # the package is pure Python: no install needed
 
-case "${1:-}" in
-tests)
-    python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
-    # Every other test on CUDA tensors too (the device fixture picks CUDA); the AOT tier is CPU work.
-    python3 -m pytest -q -x tests --ignore tests/test_aot_compile.py -m "not gpu" 2>&1 | tail -15 | tee "$OUT/suite-on-cuda.log"
-    tl check 2>&1 | tee "$OUT/check.log"
-    ;;
-bench)
-    tl bench --no-progress --ops cross_entropy --sizes 8192x32000 8192x128256 8192x262144 --out "$OUT" --prefix ce
-    # Row losses at V=128256 (issue 3), and 8192x8192 = 2**26 elements for BCE-with-logits.
-    tl bench --no-progress --no-plots --ops kl_div jsd kl_div_with_logits binary_cross_entropy_with_logits \
-        --sizes 8192x8192 8192x128256 --out "$OUT" --prefix rows
-    tl bench --no-progress --no-plots --ops linear_cross_entropy --sizes 8192x128256x4096 --out "$OUT" --prefix linear_ce
-    ;;
-*)
-    echo "usage: bash bench/gpu_session.sh tests|bench" >&2
-    exit 2
-    ;;
-esac
+if [ "$DRY" = 1 ]; then
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+    DRYARG=(--dry-run)
+    CE_SIZES=(8x300 4x1000)
+    BENCH_ARGS=(--quick --device cpu --hidden 16 --copy-mib 16 --rep-ms 0 --min-reps 1)
+    CHECK_ARGS=(--ops cross_entropy)
+    EXTRA=(torch liger) # torch.compile on a CPU compiles C++ per shape: too slow for a dry run
+    TESTS=(tests/test_gpu.py)
+else
+    DRYARG=()
+    CE_SIZES=(8192x32000 8192x128256 8192x262144)
+    BENCH_ARGS=(--hidden 4096)
+    CHECK_ARGS=()
+    EXTRA=(torch torch.compile liger)
+    TESTS=(tests)
+fi
+TL=(python3 -m triton_losses)
+
+say "gpu_session: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') dry-run=$DRY"
+step "device facts" 45 0 session.log python3 bench/gpu_sweep.py facts "${DRYARG[@]}"
+step "gpu test tier" 150 300 gpu-tests.log python3 -m pytest -q -p no:cacheprovider -m gpu --durations=10 "${TESTS[@]}"
+budget=$(($(left) - 170))
+[ "$budget" -gt 130 ] && budget=130
+step "CE sweep" 130 170 session.log python3 bench/gpu_sweep.py sweep "${DRYARG[@]}" --out "$OUT/ce-sweep.jsonl" \
+    --budget-s $((budget - 25))
+step "CE / linear CE vs torch eager" 110 60 session.log "${TL[@]}" bench --no-progress --no-plots --providers torch ours \
+    --ops cross_entropy linear_cross_entropy --sizes "${CE_SIZES[@]}" "${BENCH_ARGS[@]}" --out "$OUT" --prefix bench
+step "vs torch.compile, Liger" 100 55 session.log "${TL[@]}" bench --no-progress --no-plots --providers "${EXTRA[@]}" \
+    --ops cross_entropy linear_cross_entropy --sizes "${CE_SIZES[1]}" "${BENCH_ARGS[@]}" --out "$OUT" --prefix bench-extra
+step "triton-losses check" 55 0 check.log "${TL[@]}" check "${CHECK_ARGS[@]}"
+
+implied=$(awk '/^## launch configurations implied/ {buf = ""; on = 1; next}
+    on && /^\|/ {buf = buf $0 "\n"; next} on && NF {on = 0} END {printf "%s", buf}' "$LOG")
+say "== launch configurations the sweep implies (BLOCK_R = 1)"
+say "${implied:-none measured}"
+say "gpu_session: done in $((SECONDS - START)) s; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -226,7 +226,7 @@ def markdown(res: dict) -> str:
             f"| {n} | {res['chunk_rows'].get(n, '-')} | {tm['median_s']:.3f} | {tm['min_s']:.3f} | "
             f"{mem / mib:.1f} | {100 * mem / eager_mem:.1f}% |"
         )
-    lines += ["", "Bars (issue 4): ours at most 15% of eager's peak added memory, and no worse than "
+    lines += ["", "Bars: ours at most 15% of eager's peak added memory, and no worse than "
               "torch_chunked in time and memory.", ""]  # fmt: skip
     for name, ok in res["bars"].items():
         lines.append(f"- {name}: {'met' if ok else 'NOT met'}")

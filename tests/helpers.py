@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -36,19 +40,53 @@ def budget_close(ours: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tens
         )
 
 
-def grads(out: torch.Tensor, inputs, upstream: torch.Tensor | None = None):
-    """Gradients of ``out`` w.r.t. ``inputs`` with upstream ``upstream`` (random for non-scalars)."""
-    if upstream is None:
-        upstream = torch.ones_like(out)
-    return torch.autograd.grad(out, inputs, upstream, allow_unused=True)
+def on_cpu(obj):
+    """``obj`` with every tensor in it (nested in tuples, lists, dicts) copied to the CPU, ``requires_grad`` kept."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().requires_grad_(obj.requires_grad)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(on_cpu(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+def torch_error(fn_torch, *args, **kwargs) -> BaseException:
+    """The exception torch's ``fn_torch`` raises for these arguments, computed on CPU copies of them.
+
+    On a GPU, torch's CUDA kernels answer invalid input (an out-of-range target, probabilities
+    outside [0, 1]) with a device-side assert, which poisons the CUDA context for every later test;
+    the CPU kernels raise the error that triton_losses reproduces on every device.
+    """
+    with pytest.raises(Exception) as e_torch:
+        fn_torch(*on_cpu(args), **on_cpu(kwargs))
+    return e_torch.value
 
 
 def same_error(fn_torch, fn_ours, *args, **kwargs):
-    """Both calls raise the same exception type with the same message."""
-    with pytest.raises(Exception) as e_torch:
-        fn_torch(*args, **kwargs)
+    """``fn_ours`` raises the exception type and message torch raises (torch's computed on the CPU).
+
+    Safe on a GPU: torch never sees CUDA tensors here (see :func:`torch_error`); ours runs on the
+    arguments as given.
+    """
+    expected = torch_error(fn_torch, *args, **kwargs)
     with pytest.raises(Exception) as e_ours:
         fn_ours(*args, **kwargs)
-    assert type(e_ours.value) is type(e_torch.value), (e_ours.value, e_torch.value)
-    assert str(e_ours.value) == str(e_torch.value)
+    assert type(e_ours.value) is type(expected), (e_ours.value, expected)
+    assert str(e_ours.value) == str(expected)
     return e_ours.value
+
+
+def run_isolated(code: str, timeout: float = 300.0, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run Python ``code`` in a fresh interpreter (for a test that provokes a CUDA device-side assert on
+    purpose: the assert poisons that process's CUDA context, not this one's). Returns the finished process.
+
+    Args:
+        code: the program.
+        timeout: seconds before it is killed (``subprocess.TimeoutExpired``).
+        env: variables set on top of this process's environment.
+        cwd: its working directory (default: this one's).
+    """
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=cwd)  # fmt: skip

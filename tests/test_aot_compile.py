@@ -1,9 +1,9 @@
-"""Tier 3: every kernel specialisation the launchers use compiles to cubin for sm_80 and sm_90.
+"""Tier 3 smoke: the AOT cases are complete, and a few of them compile as the runtime specialises them.
 
-No GPU is needed: ``triton.compile`` targets a named architecture. This catches what the
-interpreter accepts but the compiler rejects, and register spills (a slow kernel) in what it
-accepts. The compiler runs in a subprocess, because this test session may have
-``TRITON_INTERPRET=1`` set (which replaces ``@triton.jit`` functions).
+The full tier (every case, sm_80 and sm_90) is ``python -m tests.aot_compile 80 90 --check``, its
+own step in ``.ci/run``. Here: the case lists (built in this process, where the kernels may be the
+interpreter's) and each family's first case compiled for sm_90 in one subprocess, started by a
+fixture at test time (the compiler needs ``TRITON_INTERPRET`` unset).
 """
 
 from __future__ import annotations
@@ -16,56 +16,143 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.aot
 
-ARCHS = (80, 90)
-MAX_SPILL_BYTES = 64
+import triton
+import triton.language as tl
+
+from tests import aot_cases
+from tests.aot_cases._case import Ptr, case
+from triton_losses import _dispatch
+
+pytestmark = pytest.mark.aot
+SMOKE_ARCH = 90
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def smoke(tmp_path_factory) -> dict[str, dict]:
+    """``python -m tests.aot_compile 90 --smoke``: result per case key."""
+    out = tmp_path_factory.mktemp("aot") / "smoke.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "triton_losses.kernels.aot", *map(str, ARCHS)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
+    cmd = [sys.executable, "-m", "tests.aot_compile", str(SMOKE_ARCH), "--smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {(r["case"], r["arch"]): r for r in results}
+    return {r["case"]: r for r in map(json.loads, out.read_text().splitlines())}
 
 
-def _case_keys():
-    code = "import json,triton_losses.kernels.aot as a; print(json.dumps(sorted(a.all_cases())))"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def every_case() -> dict:
+    return aot_cases.all_cases()
 
 
-CASE_KEYS = _case_keys()
+def test_every_family_has_cases():
+    assert set(aot_cases.FAMILIES) >= set(_dispatch._KERNELS) - {"linear_cross_entropy"}
+    for name in aot_cases.FAMILIES:
+        assert aot_cases.family_cases(name), f"tests/aot_cases/{name}.py yields no case"
 
 
-def test_cases_cover_every_kernel():
-    names = {key.split("[")[0] for key in CASE_KEYS}
-    assert {"_ce_fwd_kernel", "_ce_bwd_kernel", "_softmax_fwd_kernel", "_softmax_bwd_kernel"} <= names
+def test_every_kernel_has_a_case(every_case):
+    """Each ``*_kernel`` a kernels module holds is compiled by some case."""
+    compiled = {c.name for c in every_case.values()}
+    for family, module in _dispatch._KERNELS.items():
+        kernels = {n for n, v in vars(module).items() if n.endswith("_kernel") and hasattr(v, "fn")}
+        assert kernels <= compiled, f"kernels.{family}: no AOT case for {sorted(kernels - compiled)}"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("case", CASE_KEYS)
-def test_compiles_to_cubin(compiled, case, arch):
-    assert (case, arch) in compiled, "case was not compiled"
-    assert compiled[(case, arch)]["error"] is None, compiled[(case, arch)]["error"]
+def test_smoke_subset_is_each_familys_first_cases():
+    keys = aot_cases.smoke_keys()
+    assert len(keys) == len(aot_cases.FAMILIES) * aot_cases.SMOKE_PER_FAMILY
+    assert len(set(keys)) == len(keys)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("case", CASE_KEYS)
-def test_no_register_spills(compiled, case, arch):
-    """The launch configurations (``kernels._common.launch_config``) keep register spills to a few words.
+@triton.jit
+def _toy_kernel(x_ptr, n, s_x, BLOCK: tl.constexpr):
+    """A kernel for the case builder's own tests."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs * s_x, tl.load(x_ptr + offs * s_x, mask=offs < n), mask=offs < n)
 
-    Measured with triton 3.9 (1704 cases): 1675 spill nothing, the rest 8 to 32 bytes (a few flag
-    combinations at 4096-column blocks). The first-guess configurations (32 bf16 values per
-    thread) spilled up to 2536 bytes.
-    """
-    r = compiled.get((case, arch))
-    if r is None or r["error"] is not None:
-        pytest.skip("did not compile (test_compiles_to_cubin reports it)")
-    if r["stack"] is None:
-        pytest.skip("no cuobjdump in this triton install to read the cubin's resources")
-    assert r["stack"] <= MAX_SPILL_BYTES, f"{r['stack']} bytes of stack (register spills) at {r['regs']} registers"
+
+def test_case_builder_keeps_the_kernels_own_arguments_in_order():
+    c = case(_toy_kernel, ptrs={"x_ptr": "bf16", "y_ptr": "fp32"}, scalars={"s_x": 1, "n": 4096, "m": 3},
+             constexprs={"BLOCK": 1024}, num_warps=4, launch="toy")  # fmt: skip
+    assert c.args == (("x_ptr", Ptr("bf16")), ("n", 4096), ("s_x", 1))
+    assert c.constexprs == (("BLOCK", 1024),)
+    assert c.key == "_toy_kernel[x_ptr:bf16|BLOCK=1024|warps=4|toy]"
+    assert c.max_registers() == 128  # 16 resident warps of 4-warp programs: 4 programs per SM
+
+
+def test_case_builder_rejects_a_missing_argument_or_constexpr():
+    with pytest.raises(ValueError, match=r"no AOT value for \['s_x'\]"):
+        case(_toy_kernel, ptrs={"x_ptr": "bf16"}, scalars={"n": 1}, constexprs={"BLOCK": 16}, num_warps=4, launch="t")
+    with pytest.raises(ValueError, match=r"no AOT value for \['BLOCK'\]"):
+        case(_toy_kernel, ptrs={"x_ptr": "bf16"}, scalars={"n": 1, "s_x": 1}, constexprs={}, num_warps=4, launch="t")
+    with pytest.raises(ValueError, match=r"not constexprs of it: \['n'\]"):
+        case(_toy_kernel, ptrs={"x_ptr": "bf16"}, scalars={"n": 1, "s_x": 1}, constexprs={"BLOCK": 16, "n": 2},
+             num_warps=4, launch="t")  # fmt: skip
+
+
+@pytest.mark.parametrize("key", aot_cases.smoke_keys())
+def test_smoke_case_compiles_without_problems(smoke, key):
+    """Compiles, no register spills, registers within the launch's occupancy, 128-bit accesses where asked."""
+    r = smoke[key]
+    assert r["error"] is None, r["error"]
+    assert r["problems"] == [], r["problems"]
+    if r["regs"] is None:
+        pytest.skip("no cuobjdump in this triton install to read the cubin")
+
+
+def test_smoke_uses_the_runtime_specialisation(smoke):
+    """The cross-entropy forward at the LM launch: unit strides constant, sizes i32 with the divisibility hint."""
+    (r,) = [r for k, r in smoke.items() if k.startswith("_ce_fwd_kernel")]
+    sig = r["signature"]
+    assert sig["x_ptr"] == "*bf16:D", sig
+    assert [v for v in sig.values() if v == "1"], sig  # unit strides became constants
+    assert not [v for v in sig.values() if v.startswith("i64")], sig  # every integer fits i32 at this launch
+    if r["loads"] is not None:
+        assert r["loads"].get("128"), r["loads"]
+
+
+def _compiled_configs(family: str, kernel: str, itemsize: int) -> set[tuple[int, int, int]]:
+    """``(BLOCK_R, BLOCK_C, num_warps)`` of ``kernel``'s cases whose first pointer has ``itemsize``-byte elements."""
+    out = set()
+    for c in aot_cases.family_cases(family):
+        first = next(v for _, v in c.args if isinstance(v, Ptr))
+        if c.name == kernel and first.dtype.itemsize == itemsize:
+            flags = dict(c.constexprs)
+            out.add((flags["BLOCK_R"], flags["BLOCK_C"], c.num_warps))
+    return out
+
+
+VOCABS = [*range(1, 2049), 4095, 4097, 8191, 8193, 32000, 50257, 128256, 151936, 262144, 300000, 1 << 20]
+ROW_KERNELS = {  # family -> (kernels, whether its launchers also tile across rows (classes strided))
+    "cross_entropy": (("_ce_fwd_kernel", "_ce_bwd_kernel"), True),
+    "softmax": (("_softmax_fwd_kernel", "_softmax_bwd_kernel"), True),
+    "distill": (("_jsd_kernel", "_kd_kernel"), False),
+    "logprobs": (("_logprobs_fwd_kernel", "_logprobs_bwd_kernel"), True),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ROW_KERNELS))
+def test_row_kernels_cover_every_launch_config(family):
+    """Every ``launch_config`` a row launcher can choose, for every element size, is compiled."""
+    from triton_losses.kernels._common import launch_config
+
+    kernels, strided = ROW_KERNELS[family]
+    for itemsize in (2, 4, 8):
+        wanted = {tuple(launch_config(v, itemsize, c)) for v in VOCABS for c in ((True, False) if strided else (True,))}
+        for kernel in kernels:
+            missing = wanted - _compiled_configs(family, kernel, itemsize)
+            assert not missing, f"{kernel}, {itemsize}-byte elements: no case for {sorted(missing)}"
+
+
+@pytest.mark.parametrize(("family", "kernels"), [("bce", ("_bce_fwd_kernel", "_bce_bwd_kernel")),
+                                                 ("kl_div", ("_kl_fwd_kernel", "_kl_bwd_kernel"))])  # fmt: skip
+def test_elementwise_kernels_cover_every_block_shape(family, kernels):
+    """Every ``(BLOCK_R, BLOCK_C)`` an elementwise launcher can choose (rows of 2 columns up) is compiled."""
+    from triton_losses.kernels._elementwise import NUM_WARPS, block_config, tile_for
+
+    for itemsize in (2, 4, 8):
+        tile = tile_for(itemsize)
+        wanted = {(*block_config(d, tile), NUM_WARPS) for d in range(2, 20000)}
+        for kernel in kernels:
+            missing = wanted - _compiled_configs(family, kernel, itemsize)
+            assert not missing, f"{kernel}, {itemsize}-byte elements: no case for {sorted(missing)}"

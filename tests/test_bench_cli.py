@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +38,7 @@ def scratch_registry(monkeypatch):
     return registry.OPS
 
 
+@pytest.mark.slow  # 6-15 s: the whole CLI on the interpreter
 @pytest.mark.interpreter
 def test_quick_bench_writes_json_and_markdown(tmp_path, capsys):
     rc, doc, md = _bench(tmp_path, "--ops", "cross_entropy", "softmax")
@@ -74,6 +77,7 @@ def test_quick_bench_writes_json_and_markdown(tmp_path, capsys):
     assert "cross_entropy" in out and "copy bandwidth" in out
 
 
+@pytest.mark.slow  # 6-15 s: the whole CLI on the interpreter
 @pytest.mark.interpreter
 def test_missing_and_skipped_providers_are_reported(tmp_path, capsys):
     rc, doc, md = _bench(tmp_path, "--ops", "nll_loss")
@@ -117,6 +121,7 @@ def test_plot_and_prefix(tmp_path):
     assert "![time and memory against vocabulary size](x.png)" in (tmp_path / "x.md").read_text()
 
 
+@pytest.mark.slow  # 7 s
 def test_new_op_is_a_few_lines(tmp_path, scratch_registry):
     register(
         Op(
@@ -134,6 +139,7 @@ def test_new_op_is_a_few_lines(tmp_path, scratch_registry):
     assert main(["check", "--ops", "double_sum"]) == 0
 
 
+@pytest.mark.slow  # 6-15 s: the whole CLI on the interpreter
 @pytest.mark.interpreter
 def test_check_passes(capsys):
     assert main(["check", "--ops", "cross_entropy", "softmax", "--dtype", "float32"]) == 0
@@ -198,3 +204,25 @@ def test_python_dash_m_entry_point():
     )
     assert proc.returncode == 0, proc.stderr
     assert "cross_entropy" in proc.stdout and "bytes:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_session_dry_run(tmp_path):
+    """``bash bench/gpu_session.sh --dry-run``: every step of the GPU session at toy sizes on the CPU."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "--dry-run"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = {p.name for p in tmp_path.iterdir()}
+    assert len(files) <= 8, files
+    assert {"session.log", "gpu-tests.log", "ce-sweep.jsonl", "bench.json", "bench.md", "check.log"} <= files
+    log = (tmp_path / "session.log").read_text()
+    for step in ("device facts", "gpu test tier", "CE sweep", "CE / linear CE vs torch eager", "triton-losses check"):
+        assert f"== {step}: exit 0" in log, log[-3000:]
+    sweep = [json.loads(line) for line in (tmp_path / "ce-sweep.jsonl").read_text().splitlines()]
+    assert sweep and not [r for r in sweep if "error" in r], sweep
+    assert {r["config"] == "default" for r in sweep} == {True, False}  # forced configurations were measured
+    assert "| 200 | fwd+grad write |" in log.split("launch configurations the sweep implies")[-1]
+    facts = json.loads(next(line for line in log.splitlines() if line.startswith('{"device"')))
+    assert facts["copy_gbps"] > 0

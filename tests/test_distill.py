@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 
 import triton_losses as tl_
 from tests.fp64_checks import check_against_fp64
-from triton_losses.reference import divergence as divergence_ref
+from tests.op_counts import HOST_SYNCS, count_ops
+from triton_losses.reference import distill as distill_ref
 
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
 BETAS = [0.0, 0.1, 0.5, 1.0]
@@ -166,7 +168,7 @@ def test_reference_many_row_blocks(backend, device, dtype, monkeypatch):
     """The CPU reference with one or two rows per block (fused forward, recomputing backward)."""
     if backend != "torch":
         pytest.skip("the row blocks are the reference's")
-    monkeypatch.setattr(divergence_ref, "ROW_BLOCK_ELEMS", 10)
+    monkeypatch.setattr(distill_ref, "ROW_BLOCK_ELEMS", 10)
     for shape in (*SHAPES, (5, 4)):
         for reduction in ("sum", "none"):
             for beta in BETAS:
@@ -178,7 +180,7 @@ def test_reference_many_row_blocks(backend, device, dtype, monkeypatch):
 def test_rows_that_need_masks_next_to_plain_rows(backend, device, reduction, monkeypatch):
     """Rows with -inf (zero probabilities), NaN or a vanishing mixture, in blocks with ordinary rows:
     each row's loss and gradients are those it has alone (the reference redoes such blocks with masks)."""
-    monkeypatch.setattr(divergence_ref, "ROW_BLOCK_ELEMS", 24)  # two rows of 12 per block
+    monkeypatch.setattr(distill_ref, "ROW_BLOCK_ELEMS", 24)  # two rows of 12 per block
     V = 12
     x, y = torch.randn(6, V, dtype=torch.float64, device=device), torch.randn(6, V, dtype=torch.float64, device=device)
     x[1, :3], y[1, :3] = float("-inf"), float("-inf")  # a masked vocabulary in both
@@ -286,6 +288,8 @@ def _kd34(d, **kw):
 
 ERRORS = [
     (lambda d: tl_.jsd(_r(3, 4, device=d), _r(3, 5, device=d)), ValueError, "same shape"),
+    (lambda d: tl_.jsd([[0.0, 0.0]], _r(1, 2, device=d)), TypeError, "input must be a tensor, got list"),
+    (lambda d: tl_.kl_div_with_logits(_r(1, 2, device=d), [[0.0, 0.0]]), TypeError, "teacher_logits must be a tensor"),
     (lambda d: tl_.jsd(_r(3, 4, device=d), _r(3, 4, device=d, dtype=torch.float64)), TypeError, "dtype"),
     (lambda d: tl_.jsd(_r(device=d), _r(device=d)), ValueError, "non-empty last"),
     (lambda d: tl_.jsd(_r(3, 0, device=d), _r(3, 0, device=d)), ValueError, "non-empty last"),
@@ -335,3 +339,130 @@ def test_kl_div_with_logits_uses_no_extra_vocabulary_sized_memory(device):
     extra = torch.cuda.max_memory_allocated() - base
     assert g.shape == s.shape
     assert extra <= N * V * 2 + (4 << 20), extra  # the bf16 gradient + small per-row buffers
+
+
+# ---- second derivatives -------------------------------------------------------------------------
+
+
+def test_gradgradcheck_fp64(backend, device):
+    x = _logprobs((3, 4), device).double().requires_grad_()
+    y = _logprobs((3, 4), device).double().requires_grad_()
+    labels = torch.tensor([1, -100, 2], device=device)
+    for beta in (0.0, 0.3, 1.0):
+        fn = functools.partial(tl_.jsd, beta=beta, labels=labels)
+        assert torch.autograd.gradgradcheck(fn, (x, y))
+    fn = functools.partial(tl_.kl_div_with_logits, temperature=1.7, labels=labels, reduction="none")
+    assert torch.autograd.gradgradcheck(fn, (x, y))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward_matches_the_fp64_formulas(backend, device, reduction):
+    """Second derivatives equal those of the documented formulas written in torch ops (autograd twice)."""
+    x = _logprobs((4, 6), device).double().requires_grad_()
+    y = _logprobs((4, 6), device).double().requires_grad_()
+    labels = torch.tensor([1, -100, 2, 0], device=device)
+    up = torch.randn(4, 6, dtype=torch.float64, device=device)
+    up_rows = torch.randn(4, dtype=torch.float64, device=device)
+
+    def second(fn):
+        out = fn(x, y, labels=labels, reduction=reduction)
+        out = (out * up_rows).sum() if reduction == "none" else out
+        gx, gy = torch.autograd.grad(out, (x, y), create_graph=True)
+        return torch.autograd.grad((gx * up).sum() + (gy * up.flip(0)).sum(), (x, y))
+
+    cases = [
+        (functools.partial(tl_.jsd, beta=0.3), functools.partial(jsd_reference, beta=0.3)),
+        (functools.partial(tl_.jsd, beta=0.0), functools.partial(jsd_reference, beta=0.0)),
+        (functools.partial(tl_.jsd, beta=1.0), functools.partial(jsd_reference, beta=1.0)),
+        (functools.partial(tl_.kl_div_with_logits, temperature=2.0), functools.partial(kd_reference, temperature=2.0)),
+    ]
+    for ours, ref in cases:
+        for a, b in zip(second(ours), second(ref)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ---- no host work per launch; strided labels ----------------------------------------------------
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("fn", ["jsd", "kl_div_with_logits"])
+def test_no_host_to_device_copy_or_sync_per_call(device, fn, monkeypatch):
+    """The Triton path passes its scalars (beta, 1 / T) as kernel arguments: no tensor is built from
+    host data and nothing is read back, forward or backward (CUDA-graph capturable)."""
+    from triton_losses.kernels import distill as k_distill
+
+    monkeypatch.setenv("TRITON_LOSSES_BACKEND", "triton")
+    x = _logprobs((5, 40), device).requires_grad_()
+    y = _logprobs((5, 40), device)
+    labels = _labels((5, 40), device)
+    kw = {"beta": 0.3} if fn == "jsd" else {"temperature": 1.7}
+    out = []
+    for reduction in ("batchmean", "none"):
+        ops, launches = count_ops(
+            lambda: out.append(getattr(tl_, fn)(x, y, labels=labels, reduction=reduction, **kw)),  # noqa: B023
+            [(k_distill, "launch_rows")],
+            monkeypatch,
+        )
+        assert launches["launch_rows"] == 1 and not HOST_SYNCS & set(ops), ops
+        backward = functools.partial(torch.autograd.grad, out[-1], x, torch.ones_like(out[-1]))
+        ops, launches = count_ops(backward, [(k_distill, "launch_rows")], monkeypatch)
+        assert not HOST_SYNCS & set(ops), ops
+
+
+def test_strided_and_stride0_labels(backend, device):
+    x, y = _logprobs((4, 3, 9), device), _logprobs((4, 3, 9), device)
+    wide = torch.tensor([[1, 5, -100, 7, 2, 8], [-100, 1, 3, 4, 5, 6], [0, 0, 1, 1, -100, 2], [3, 3, 3, 3, 3, 3]])
+    cases = [
+        wide.to(device)[:, ::2],  # stride 2
+        torch.tensor([1, -100, 2], device=device).expand(4, 3),  # stride 0 over rows
+        torch.tensor([[-100], [1], [2], [-100]], device=device).expand(4, 3),  # stride 0 over columns
+        wide.to(device).t()[:3].t().to(torch.int32),  # transposed, int32
+    ]
+    for lab in cases:
+        for fn, kw in ((tl_.jsd, {"beta": 0.3}), (tl_.kl_div_with_logits, {"temperature": 2.0})):
+            a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+            got = fn(a, y, labels=lab, reduction="none", **kw)
+            want = fn(b, y, labels=lab.contiguous(), reduction="none", **kw)
+            torch.testing.assert_close(got, want)
+            up = torch.randn_like(got)
+            torch.testing.assert_close(torch.autograd.grad(got, a, up)[0], torch.autograd.grad(want, b, up)[0])
+
+
+# ---- custom ops, torch.compile ---------------------------------------------------------------------
+
+
+@pytest.mark.interpreter
+def test_custom_ops_pass_opcheck(device):
+    pytest.importorskip("triton")
+    from triton_losses.kernels import distill as k_distill
+
+    x, y = torch.randn(3, 4, device=device), torch.rand(3, 4, device=device)
+    a3, b3 = x.log_softmax(1).view(1, 3, 4), y.log_softmax(1).view(1, 3, 4)
+    labels = torch.tensor([[0, -100, 2]], device=device)
+    gscale = torch.full((1,), 0.5, device=device)
+    torch.library.opcheck(k_distill._jsd_fwd_op, (a3, b3, labels, 0.3, -100))
+    torch.library.opcheck(k_distill._jsd_bwd_op, (a3, b3, None, 0.0, -100, gscale, True, True))
+    stats = k_distill._kd_fwd_op(a3, b3, labels, 0.5, -100)
+    torch.library.opcheck(k_distill._kd_fwd_op, (a3, b3, labels, 0.5, -100))
+    torch.library.opcheck(k_distill._kd_bwd_op, (a3, b3, labels, 0.5, -100, stats, gscale, True, False))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+def test_fullgraph_compile_matches_eager(backend, device):
+    torch._dynamo.reset()
+    lp = torch.randn(4, 5, device=device).log_softmax(1).requires_grad_()
+    s = torch.randn(4, 5, device=device, requires_grad=True)
+    labels = torch.tensor([1, -100, 3, 0], device=device)
+
+    def losses(lp, s, labels):
+        d = tl_.jsd(lp, lp.detach().flip(0), beta=0.3, labels=labels)
+        return d + tl_.kl_div_with_logits(s, s.detach() * 2, temperature=2.0, labels=labels, reduction="none").sum()
+
+    compiled = torch.compile(losses, fullgraph=True, backend="aot_eager" if backend == "triton" else "inductor")
+    out = compiled(lp, s, labels)
+    d = jsd_reference(lp, lp.detach().flip(0), 0.3, labels=labels)
+    ref = d + kd_reference(s, s.detach() * 2, 2.0, labels=labels, reduction="none").sum()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(torch.autograd.grad(out, (lp, s)), torch.autograd.grad(ref, (lp, s))):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)

@@ -47,7 +47,20 @@ CE_CASES = {
     "integer-logits": lambda d: ((torch.randint(0, 3, (4, 5), device=d), _t(0, 1, 2, 3, device=d)), {}),
     "weight-requires-grad": lambda d: ((_x(4, 5, device=d), _t(0, 1, 2, 3, device=d), torch.rand(5, device=d, requires_grad=True)), {}),
     "unbatched-target-1d": lambda d: ((_x(5, device=d), _t(1, 2, device=d)), {}),
+    "ignore-index-float": lambda d: ((_x(4, 5, device=d), _t(0, 1, 2, 3, device=d)), {"ignore_index": 1.0}),
+    "ignore-index-negative-float": lambda d: ((_x(4, 5, device=d), _t(0, 1, 2, 3, device=d)), {"ignore_index": -1.5}),
+    "ignore-index-bool": lambda d: ((_x(4, 5, device=d), _t(0, 1, 2, 3, device=d)), {"ignore_index": True}),
+    "list-input": lambda d: (([[1.0, 2.0], [0.5, 0.1]], _t(0, 1, device=d)), {}),
+    "list-target": lambda d: ((_x(2, 3, device=d), [0, 1]), {}),
+    "zero-classes-kdim": lambda d: ((_x(2, 0, 3, device=d), torch.zeros(2, 3, dtype=torch.long, device=d)), {}),
+    "zero-classes-4d": lambda d: ((_x(2, 0, 3, 4, device=d), torch.zeros(2, 3, 4, dtype=torch.long, device=d)), {}),
 }  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _eager_target_checks(monkeypatch):
+    """On CUDA the target-range check is an opt-in (the kernels assert on the device otherwise)."""
+    monkeypatch.setenv("TRITON_LOSSES_CHECK_TARGETS", "1")
 
 
 @pytest.mark.parametrize("case", CE_CASES)
@@ -62,6 +75,7 @@ NLL_CASES = {
         "target-too-large", "target-negative", "target-out-of-range-kdim", "float-index-target", "int32-target",
         "batch-mismatch", "weight-wrong-size", "weight-wrong-dtype", "bad-reduction", "multi-target",
         "kdim-3d-mismatch", "kdim-4d-mismatch", "kdim-5d-mismatch", "weight-requires-grad",
+        "ignore-index-float", "ignore-index-negative-float", "list-input", "list-target", "zero-classes-kdim",
     ]
 }  # fmt: skip
 NLL_CASES["zero-dim-input"] = lambda d: ((torch.tensor(1.0, device=d), torch.tensor(0, device=d)), {})
@@ -111,6 +125,14 @@ def test_legacy_size_average_reduce_warn_and_map_like_torch():
         assert user(w_ours) == user(w_torch) and len(user(w_torch)) == 1
         torch.testing.assert_close(tl_.nll_loss(x, t, size_average=size_average, reduce=reduce),
                                    F.nll_loss(x, t, size_average=size_average, reduce=reduce))  # fmt: skip
+
+
+@pytest.mark.parametrize("z_loss", [-1e-4, float("inf"), float("nan")])
+def test_z_loss_must_be_finite_and_non_negative(z_loss):
+    with pytest.raises(ValueError, match="z_loss must be finite and non-negative"):
+        tl_.cross_entropy(_x(2, 3), _t(0, 1), z_loss=z_loss)
+    with pytest.raises(ValueError, match="z_loss must be finite and non-negative"):
+        tl_.nn.CrossEntropyLoss(z_loss=z_loss)(_x(2, 3), _t(0, 1))
 
 
 @pytest.mark.parametrize("softcap", [0.0, -1.0, "3"])

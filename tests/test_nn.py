@@ -30,8 +30,17 @@ def test_subclass_defaults_and_state_dict(ours_cls, torch_cls):
     assert ours.state_dict().keys() == ref.state_dict().keys()
     torch.testing.assert_close(ours.state_dict()["weight"], ref.state_dict()["weight"])
     assert "weight" in dict(ours.named_buffers())
-    ours2 = ours_cls()
-    ours2.load_state_dict(ref.state_dict(), strict=False)
+    ours2 = ours_cls(weight=torch.zeros(5))
+    result = ours2.load_state_dict(ref.state_dict())  # strict: every key matches
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(ours2.weight, w)
+    ref2 = torch_cls(weight=torch.zeros(5))
+    ref2.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ref2.weight, w)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        ours_cls().load_state_dict(ref.state_dict())  # weight=None registers no buffer, as in torch
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        torch_cls().load_state_dict(ref.state_dict())
     plain = ours_cls()
     assert plain.ignore_index == -100 and plain.reduction == "mean" and plain.weight is None
 

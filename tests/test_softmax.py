@@ -106,3 +106,71 @@ def test_bad_dim_and_integer_input_raise_like_torch(backend, device, fns):
     ours_fn, torch_fn = fns
     same_error(torch_fn, ours_fn, torch.randn(3, 4, device=device), 2)
     same_error(torch_fn, ours_fn, torch.randint(0, 3, (3, 4), device=device), 1)
+    same_error(torch_fn, ours_fn, torch.randn(3, 4, device=device), 1.5)
+    same_error(torch_fn, ours_fn, torch.randn(3, 4, device=device), dim=1.5)
+    same_error(torch_fn, ours_fn, [[1.0, 2.0]], 1)
+
+
+@pytest.mark.parametrize("fns", FNS, ids=IDS)
+def test_fp32_accuracy_does_not_fall_with_logit_magnitude(backend, device, fns):
+    """At 300 * randn a log-sum-exp rounded to fp32 put 2e-5 absolute error on softmax (torch: 3e-8)."""
+    ours_fn, torch_fn = fns
+    x = torch.randn(8, 1000, device=device) * 300
+    xs, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x64 = x.double().requires_grad_()
+    ours, ref, lowp = ours_fn(xs, 1), torch_fn(x64, 1), torch_fn(xl, 1)
+    budget_close(ours, ref, lowp)
+    up = torch.randn(8, 1000, device=device, dtype=torch.float64)
+    g = torch.autograd.grad(ours, xs, up.float())[0]
+    budget_close(g, torch.autograd.grad(ref, x64, up)[0], torch.autograd.grad(lowp, xl, up.float())[0])
+
+
+@pytest.mark.parametrize("C", [5003, 70001])
+def test_bf16_log_softmax_backward_on_long_rows(backend, device, C):
+    """The backward works from fp32 statistics of the input, not from the bf16-rounded output."""
+    x = (torch.randn(2, C, device=device) * 4).bfloat16()
+    xs, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x64 = x.double().requires_grad_()
+    up = torch.randn(2, C, device=device, dtype=torch.float64)
+    ours, ref, lowp = tl_.log_softmax(xs, 1), F.log_softmax(x64, 1), F.log_softmax(xl, 1)
+    budget_close(ours, ref, lowp)
+    g = torch.autograd.grad(ours, xs, up.bfloat16())[0]
+    budget_close(g, torch.autograd.grad(ref, x64, up)[0], torch.autograd.grad(lowp, xl, up.bfloat16())[0])
+
+
+@pytest.mark.parametrize("fns", FNS, ids=IDS)
+def test_second_order_gradients(backend, device, fns):
+    ours_fn, torch_fn = fns
+    x = torch.randn(2, 4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda v: ours_fn(v, 1), (x,))
+    xr = x.detach().clone().requires_grad_()
+    up = torch.randn(2, 4, 3, dtype=torch.float64, device=device)
+    (g,) = torch.autograd.grad(ours_fn(x, 1), x, up, create_graph=True)
+    (gr,) = torch.autograd.grad(torch_fn(xr, 1), xr, up, create_graph=True)
+    torch.testing.assert_close(g, gr)
+    v = torch.randn_like(g)
+    torch.testing.assert_close(torch.autograd.grad(g, x, v)[0], torch.autograd.grad(gr, xr, v)[0])
+
+
+@pytest.mark.parametrize("fns", FNS, ids=IDS)
+def test_cpu_autocast_keeps_the_dtype_like_torch(backend, device, fns):
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    ours_fn, torch_fn = fns
+    x = torch.randn(4, 6).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ref = ours_fn(x, 1), torch_fn(x, 1)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.interpreter
+def test_custom_ops_pass_opcheck(device):
+    pytest.importorskip("triton")
+    from triton_losses.kernels import softmax as k
+
+    x = torch.randn(3, 7, 2, device=device)
+    for log in (True, False):
+        torch.library.opcheck(k.softmax_fwd_op, (x, log))
+        _, stats = k.softmax_fwd(x, log)
+        torch.library.opcheck(k.softmax_bwd_op, (x, stats, torch.randn_like(x), log))

@@ -1,13 +1,18 @@
 """triton-losses: fused Triton GPU kernels for PyTorch losses, with a pure-PyTorch fallback.
 
 The functions mirror ``torch.nn.functional``; the modules in :mod:`triton_losses.nn` mirror
-``torch.nn``. Nothing is imported from triton, and no device is queried, at import time.
+``torch.nn``. Importing the package imports torch and, where triton is installed, triton and
+every kernel module (so that ``torch.compile`` can trace calls into them; their ``torch.library``
+custom ops are registered then). It queries no device and compiles no kernel: kernels compile on
+their first launch. ``TRITON_INTERPRET=1`` (Triton's interpreter for CPU tensors) must therefore be
+set before the import.
 """
 
 from . import nn
-from .binary import binary_cross_entropy, binary_cross_entropy_with_logits
+from .bce import binary_cross_entropy, binary_cross_entropy_with_logits
 from .cross_entropy import cross_entropy, nll_loss
-from .divergence import jsd, kl_div, kl_div_with_logits
+from .distill import jsd, kl_div_with_logits
+from .kl_div import kl_div
 from .linear_cross_entropy import linear_cross_entropy
 from .softmax import log_softmax, softmax
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch.nn import _reduction
 
+from . import _dispatch
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -49,12 +51,11 @@ def compiling() -> bool:
 def check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
     """Raise torch's ``IndexError: Target 5 is out of bounds.`` for the first bad index target.
 
-    Needs a host sync, so it runs in eager mode only; on CUDA it can be switched off with
-    ``TRITON_LOSSES_CHECK_TARGETS=0`` (an out-of-range target then yields a NaN loss).
+    Needs a host sync, so it runs only where :func:`eager_checks` allows it: always for CPU
+    tensors, for CUDA tensors only with ``TRITON_LOSSES_CHECK_TARGETS=1`` (by default a bad target
+    trips the kernels' device assert instead).
     """
-    if target.numel() == 0 or compiling():
-        return
-    if target.is_cuda and os.environ.get("TRITON_LOSSES_CHECK_TARGETS", "1") == "0":
+    if target.numel() == 0 or not eager_checks(target.device):
         return
     t = target.long()
     bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
@@ -93,3 +94,60 @@ def as_3d(x: torch.Tensor, dim: int) -> torch.Tensor:
         return x.view(A, C, B)
     except RuntimeError:
         return x.reshape(A, C, B)
+
+
+# ---- shared by the elementwise losses (bce, kl_div) --------------------------------------------
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def eager_checks(device: torch.device) -> bool:
+    """Whether value checks that read data back to the host (torch's CPU errors) run for ``device``.
+
+    CPU tensors: always (torch's CPU kernels raise), except while tracing (``torch.compile`` /
+    graph capture), where nothing data-dependent may run on the host. CUDA tensors: only when
+    ``TRITON_LOSSES_CHECK_TARGETS=1`` (the opt-in); by default the kernels assert on the device,
+    as torch's CUDA kernels do.
+    """
+    if _dispatch.tracing():
+        return False
+    if torch.device(device).type == "cpu":
+        return True
+    return os.environ.get("TRITON_LOSSES_CHECK_TARGETS", "0") == "1"
+
+
+def all_tensors(*args) -> bool:
+    """Every argument is a tensor or None (anything else is left to torch, which raises its own error)."""
+    return all(a is None or isinstance(a, torch.Tensor) for a in args)
+
+
+def autocast_fp32(*tensors: torch.Tensor | None) -> tuple:
+    """torch's autocast 'fp32' policy: inside an autocast region of the tensors' device, fp16 / bf16 -> fp32.
+
+    BCE-with-logits and KL are on torch's fp32 list on every device; BCE is on it for the CPU (on
+    CUDA torch refuses it instead: see :func:`autocast_refuses_bce`). fp64 and other tensors are
+    left as they are; outside an autocast region nothing changes.
+    """
+    first = next(t for t in tensors if t is not None)
+    if not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    return tuple(t.float() if t is not None and t.dtype in _LOW_PRECISION else t for t in tensors)
+
+
+def autocast_refuses_bce(input: torch.Tensor) -> bool:
+    """torch bans ``binary_cross_entropy`` under CUDA autocast (its "unsafe to autocast" error)."""
+    return input.is_cuda and torch.is_autocast_enabled("cuda")
+
+
+def same_float_dtype(tensors, dtypes=FLOAT_DTYPES) -> bool:
+    """All tensors share one dtype among ``dtypes``."""
+    first = tensors[0].dtype
+    return first in dtypes and all(t.dtype == first for t in tensors)
+
+
+def broadcasts_to(t: torch.Tensor, shape: torch.Size) -> bool:
+    """``t`` broadcasts to ``shape`` without enlarging it (what an in-place ``mul_`` accepts)."""
+    try:
+        return torch.broadcast_shapes(t.shape, shape) == shape
+    except RuntimeError:
+        return False

@@ -1,4 +1,10 @@
-"""The one place that decides which implementation serves a call: the Triton kernels or torch.
+"""The one routing decision: which engine serves a call of a loss family.
+
+Every family has one engine per backend with the same interface: ``reference.<family>`` (plain
+PyTorch, the CPU fallback and the oracle's twin) and ``kernels.<family>`` (Triton launchers). Under
+``torch.compile`` (or CUDA-graph capture) the kernels are served by ``kernels.<family>.TRACED``: the
+same functions as ``torch.library`` custom ops, which dynamo keeps opaque. Public modules ask
+``engine(family, ...)`` once per call and never branch on the backend themselves.
 
 ``TRITON_LOSSES_BACKEND`` (read at every call) = ``auto`` (default) | ``triton`` | ``torch``:
 
@@ -6,55 +12,83 @@
   when ``TRITON_INTERPRET=1`` is set, where CPU tensors run the kernels through Triton's interpreter.
 * ``triton``: always the kernels; a call they cannot serve raises ``NotImplementedError``.
 * ``torch``: always the PyTorch reference.
+
+The kernel modules are imported with the package (``torch.compile`` cannot trace an import;
+importing triton queries no device), so ``TRITON_INTERPRET`` must be set before ``import triton_losses``.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import pkgutil
+from types import ModuleType
 
 import torch
+
+from .reference import bce as _r_bce
+from .reference import cross_entropy as _r_cross_entropy
+from .reference import distill as _r_distill
+from .reference import kl_div as _r_kl_div
+from .reference import softmax as _r_softmax
+
+# family -> reference engine; one line per family.
+_REFERENCE: dict[str, ModuleType] = {
+    "bce": _r_bce,
+    "cross_entropy": _r_cross_entropy,
+    "distill": _r_distill,
+    "kl_div": _r_kl_div,
+    "softmax": _r_softmax,
+}
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # no wheels on some platforms: the reference serves every call
+    _KERNELS: dict[str, ModuleType] = {}
+else:
+    from .kernels import bce as _k_bce
+    from .kernels import cross_entropy as _k_cross_entropy
+    from .kernels import distill as _k_distill
+    from .kernels import kl_div as _k_kl_div
+    from .kernels import softmax as _k_softmax
+
+    # family -> kernels engine; one line per family.
+    _KERNELS = {
+        "bce": _k_bce,
+        "cross_entropy": _k_cross_entropy,
+        "distill": _k_distill,
+        "kl_div": _k_kl_div,
+        "softmax": _k_softmax,
+    }
 
 _BACKENDS = ("auto", "triton", "torch")
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter (CPU tensors run the kernels)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _import_all(package: str) -> dict:
-    """Import every module of ``triton_losses.<package>``: ``{family: module}``."""
-    pkg = importlib.import_module(f"triton_losses.{package}")
-    return {
-        info.name: importlib.import_module(f"{pkg.__name__}.{info.name}")
-        for info in pkgutil.iter_modules(pkg.__path__)
-        if not info.name.startswith("_") and info.name != "aot"
-    }
-
-
-# Imported with the package (torch.compile cannot trace an import); importing triton queries no
-# device. TRITON_INTERPRET must therefore be set before ``import triton_losses``.
-try:
-    importlib.import_module("triton")
-    _TRITON = True
-except ImportError:
-    _TRITON = False
-_IMPLEMENTATIONS = {"torch": _import_all("reference"), "triton": _import_all("kernels") if _TRITON else {}}
-
-
 def triton_available() -> bool:
-    """Whether ``triton`` could be imported (it has no wheels on some platforms)."""
-    return _TRITON
+    """Whether ``triton`` could be imported."""
+    return bool(_KERNELS)
+
+
+def tracing() -> bool:
+    """True while dynamo traces or a CUDA graph is being captured (no data-dependent host work then)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def backend(*tensors: torch.Tensor | None, op: str, unsupported: str | None = None) -> str:
-    """Return ``"triton"`` or ``"torch"`` for a call of ``op`` on ``tensors``.
+    """``"triton"`` or ``"torch"`` for a call of ``op`` on ``tensors``.
 
     Args:
         tensors: the call's tensors (None entries are skipped); the first decides the device.
         op: the public function's name, for error messages.
         unsupported: why the kernels cannot serve this call, or None when they can.
+
+    Raises:
+        NotImplementedError: ``TRITON_LOSSES_BACKEND=triton`` and the kernels cannot serve the call.
     """
     mode = os.environ.get("TRITON_LOSSES_BACKEND", "auto").strip().lower() or "auto"
     if mode not in _BACKENDS:
@@ -62,7 +96,7 @@ def backend(*tensors: torch.Tensor | None, op: str, unsupported: str | None = No
     if mode == "torch":
         return "torch"
     x = next(t for t in tensors if t is not None)
-    device_ok = x.is_cuda or (x.device.type == "cpu" and _interpreting())
+    device_ok = x.is_cuda or (x.device.type == "cpu" and interpreting())
     if mode == "auto":
         return "triton" if device_ok and unsupported is None and triton_available() else "torch"
     if unsupported is not None:
@@ -77,6 +111,15 @@ def backend(*tensors: torch.Tensor | None, op: str, unsupported: str | None = No
     return "triton"
 
 
-def implementation(name: str, family: str):
-    """The module implementing ``family`` (e.g. ``"cross_entropy"``) for backend ``name``."""
-    return _IMPLEMENTATIONS[name][family]
+def engine(family: str, *tensors: torch.Tensor | None, op: str, unsupported: str | None = None):
+    """The engine serving this call of ``family``: the reference module, the kernels module, or
+    the kernels' custom ops (``kernels.<family>.TRACED``) while tracing. See :func:`backend`."""
+    if backend(*tensors, op=op, unsupported=unsupported) == "torch":
+        return _REFERENCE[family]
+    kernels = _KERNELS[family]
+    return kernels.TRACED if tracing() else kernels
+
+
+def reference(family: str) -> ModuleType:
+    """The reference engine of ``family`` (for callers that must stay on the PyTorch path)."""
+    return _REFERENCE[family]

@@ -3,26 +3,31 @@
 Per chunk of ``m`` rows (one ``(m, V)`` buffer, allocated once and reused):
 
 1. ``logits = x[rows] @ W.T (+ b)`` in the input's dtype (``torch.mm`` / ``addmm`` into the buffer);
-2. the cross-entropy engine of the backend (``kernels`` or ``reference`` ``cross_entropy``) turns the
+2. the cross-entropy engine of the call (``kernels`` or ``reference`` ``cross_entropy``) turns the
    buffer into ``coef * gout * dloss/dlogits`` in place (the Triton forward kernel does it in the
-   same launch that computes the row's loss and lse; the reference runs its forward, then its backward);
+   same launch that computes the row's loss and lse; the reference right after each row's loss);
 3. ``grad_input[rows] = dlogits @ W``, ``grad_W += dlogits.T @ x[rows]`` and ``grad_b += dlogits.sum(0)``,
    ``grad_b`` accumulated in fp32 (fp64 for fp64), ``grad_W`` in fp32 too unless that accumulator would
    be too big (see ``weight_grad_dtype``).
 
-Rows whose target is ``ignore_index`` are left out of the chunks (``rows`` lists the others), so they
-cost no matmul work; see ``live_rows`` for when that is possible without a host sync.
+The buffer is viewed as ``(m, C, D)`` for the cross-entropy engine: ``D = 1`` for a plain ``(V, H)``
+weight, ``D = d1 * ... * dK`` for a K-dimensional ``(C, d1, ..., dK, H)`` one (flattened to
+``(C * D, H)``), whose softmax runs over the ``C`` classes at each of the ``D`` positions.
+
+Rows listed in ``rows`` are the only ones computed (the caller leaves out rows whose targets are all
+``ignore_index`` when it can tell without an extra host sync); ``rows=None`` computes every row.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from ._checks import compiling
-from .spec import CESpec
+from ._dispatch import tracing
+from ._precision import acc_dtype
+from .options import CESpec
 
 # Bytes of the (chunk, V) logits buffer the default heuristic aims at, per device type (see ``chunk_rows``).
 #
@@ -33,7 +38,7 @@ from .spec import CESpec
 #   added memory): 32 rows 2.27 s / 45 MiB, 64 rows 1.91 s / 48.5 MiB, 136 rows (16 MiB) 1.53 s / 57 MiB,
 #   256 rows 1.51 s / 92 MiB, 512 rows 1.55 s / 123 MiB; torch's chunked path 1.82 s / 87 MiB. 16 MiB is
 #   where the time curve has flattened while the memory is still well below torch's.
-# cuda: not measured here (no GPU in the session that wrote this). 512 MiB is 2048 rows of bf16 at
+# cuda: not yet measured on a GPU by this project. 512 MiB is 2048 rows of bf16 at
 #   V=128256: Liger-Kernel's H200 sweep at that shape (N=8192, H=4096) gives 53.0 ms at 256-row chunks,
 #   37.7 ms at 2048 and 35.1 ms at 4096, and the fp32 accumulator traffic (2 * V*H*4 bytes per chunk) is
 #   4 passes of 4.2 GB instead of 32 at 256 rows. Re-measure with the GPU benchmark.
@@ -64,15 +69,14 @@ class Problem(NamedTuple):
 
     Attributes:
         x: input rows ``(N, H)``.
-        w: linear weight ``(V, H)``.
+        w: linear weight ``(V, H)``, ``V = C * D``.
         b: linear bias ``(V,)`` or None.
-        t: index targets ``(N,)`` or class probabilities ``(N, V)``.
-        spec: the cross-entropy options (class weights, smoothing, z-loss, softcap, ...).
-        rows: ``(n,)`` int64 indices of the rows that are computed (the non-ignored ones), or None
-            for all ``N`` rows in order.
+        t: index targets ``(N, D)`` or class probabilities ``(N, C, D)``.
+        spec: the cross-entropy options (class weights ``(C,)``, smoothing, z-loss, softcap, ...).
+        classes: ``C``, the size of each softmax.
+        rows: ``(n,)`` int64 indices of the rows that are computed, in order, or None for all ``N``.
         n: number of rows computed (``N`` when ``rows`` is None).
         chunk: rows per chunk.
-        backend: ``"triton"`` or ``"torch"``.
         wgrad: dtype ``grad_W`` is accumulated in (see ``weight_grad_dtype``).
     """
 
@@ -81,15 +85,36 @@ class Problem(NamedTuple):
     b: torch.Tensor | None
     t: torch.Tensor
     spec: CESpec
+    classes: int
     rows: torch.Tensor | None
     n: int
     chunk: int
-    backend: str
     wgrad: torch.dtype
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+class Grads(NamedTuple):
+    """Gradients for input rows ``(N, H)``, weight ``(V, H)`` and bias ``(V,)`` (None where not needed)."""
+
+    input: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+class Result(NamedTuple):
+    """What a pass over the chunks produced.
+
+    Attributes:
+        total: 0-d sum of the losses (fp32; fp64 for fp64), or None (backward pass).
+        rows_loss: ``(N * D,)`` loss per row and position (0 on rows not computed), when asked for.
+        stats: ``(n * D, 2)`` softmax statistics per computed row and position, in chunk order
+            (forward pass), as the cross-entropy engine returns them for its backward.
+        grads: the gradients asked for.
+    """
+
+    total: torch.Tensor | None
+    rows_loss: torch.Tensor | None
+    stats: torch.Tensor | None
+    grads: Grads
 
 
 def weight_grad_dtype(w: torch.Tensor, fp32: bool | None) -> torch.dtype:
@@ -107,42 +132,6 @@ def weight_grad_dtype(w: torch.Tensor, fp32: bool | None) -> torch.dtype:
         if w.numel() * torch.finfo(acc).bits // 8 <= WGRAD_FP32_BYTES[kind]:
             return acc
     return w.dtype
-
-
-def may_sync(t: torch.Tensor) -> bool:
-    """Whether a host sync is allowed for this call (the same rule as ``check_target_range``)."""
-    if compiling():
-        return False
-    return not (t.is_cuda and os.environ.get("TRITON_LOSSES_CHECK_TARGETS", "1") == "0")
-
-
-def live_rows(t: torch.Tensor, ignore_index: int, V: int) -> tuple[torch.Tensor | None, int]:
-    """Check the index targets ``t`` ``(N,)`` and list the rows that are not ignored.
-
-    One device-to-host transfer (two counts) serves both the target range check that
-    ``cross_entropy`` does anyway in eager mode and the compaction, so skipping the ignored rows
-    adds no sync. Where no sync is allowed (``torch.compile``, CUDA graph capture, or
-    ``TRITON_LOSSES_CHECK_TARGETS=0`` on CUDA) every row is computed: ignored rows then cost matmul
-    work but still contribute exactly zero, and an out-of-range target yields NaN.
-
-    Returns:
-        ``(rows, n)``: the ``(n,)`` int64 indices of the non-ignored rows in order, or ``(None, N)``
-        when every row is computed.
-    """
-    N = t.shape[0]
-    if N == 0 or not may_sync(t):
-        return None, N
-    t = t.long()  # compare as int64: a uint8 target must not wrap ignore_index=-100 to 156
-    valid = t != ignore_index
-    bad = valid & ((t < 0) | (t >= V))
-    n_valid, n_bad = torch.stack((valid.sum(), bad.sum())).tolist()
-    if n_bad:
-        raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
-    if n_valid == N:
-        return None, N
-    # A stable sort puts the valid rows first, in order, without a data-dependent output size.
-    rows = torch.argsort(valid.logical_not().to(torch.int8), stable=True)[:n_valid]
-    return rows, n_valid
 
 
 def chunk_rows(n: int, V: int, itemsize: int, device: torch.device, override: int | None = None) -> int:
@@ -175,7 +164,7 @@ def _mm_writes_fp32(acc: torch.Tensor, a: torch.Tensor) -> bool:
     CUDA with torch >= 2.8 has it; the CPU has not. The probe compares against an fp32 matmul on a
     tiny problem (one sync, on the first call per device and dtype only, never under capture).
     """
-    if not a.is_cuda or compiling():
+    if not a.is_cuda or tracing():
         return False
     key = (a.device, a.dtype)
     if key not in _OUT_DTYPE_MM:
@@ -212,120 +201,116 @@ def add_weight_grad(acc: torch.Tensor, dl: torch.Tensor, xc: torch.Tensor) -> No
             acc[v0 : v0 + step].add_(torch.mm(dl[:, v0 : v0 + step].t(), xc))
 
 
-def engine(p: Problem):
-    """The per-chunk cross-entropy engine of ``p.backend`` (both write the gradient in place)."""
-    from . import _dispatch
-
-    return _dispatch.implementation(p.backend, "cross_entropy")
-
-
-class Grads(NamedTuple):
-    """Gradients for input rows ``(N, H)``, weight ``(V, H)`` and bias ``(V,)`` (None where not needed)."""
-
-    input: torch.Tensor | None
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-
-
-class Result(NamedTuple):
-    """What a pass over the chunks produced.
-
-    Attributes:
-        total: 0-d sum of the row losses (fp32; fp64 for fp64), or None (backward pass).
-        rows_loss: ``(N,)`` per-row loss (0 on ignored rows), when asked for.
-        lse: ``(n,)`` log-sum-exp of each computed row, in chunk order, when asked for.
-        grads: the gradients asked for.
-    """
+@dataclass
+class _Sums:
+    """The running outputs of one pass (None where not asked for); shapes as in :class:`Result`."""
 
     total: torch.Tensor | None
     rows_loss: torch.Tensor | None
-    lse: torch.Tensor | None
-    grads: Grads
+    stats: torch.Tensor | None
+    gi: torch.Tensor | None
+    gw: torch.Tensor | None
+    gb: torch.Tensor | None
+
+
+def _allocate(p: Problem, need, forward: bool, per_row: bool) -> _Sums:
+    """Zeroed accumulators for one pass (``grad_input`` is only zeroed when some rows are skipped)."""
+    N, H = p.x.shape
+    V = p.w.shape[0]
+    D = V // p.classes
+    dev, acc = p.x.device, acc_dtype(p.x.dtype)
+    return _Sums(
+        total=torch.zeros((), dtype=acc, device=dev) if forward else None,
+        rows_loss=torch.zeros(N * D, dtype=acc, device=dev) if forward and per_row else None,
+        stats=torch.empty(p.n * D, 2, dtype=acc, device=dev) if forward else None,
+        gi=(torch.zeros if p.rows is not None else torch.empty)(N, H, dtype=p.x.dtype, device=dev) if need[0] else None,
+        gw=torch.zeros(V, H, dtype=p.wgrad, device=dev) if need[1] else None,
+        gb=torch.zeros(V, dtype=acc, device=dev) if need[2] else None,
+    )
+
+
+def _chunk_operands(p: Problem, c0: int, c1: int):
+    """``(idx, x rows, targets)`` of chunk ``[c0, c1)``; ``idx`` ``(m,)`` is None for contiguous rows."""
+    if p.rows is None:
+        return None, p.x[c0:c1], p.t[c0:c1]
+    idx = p.rows[c0:c1]
+    return idx, p.x.index_select(0, idx), p.t.index_select(0, idx)
+
+
+def _chunk_forward(eng, p: Problem, x3, tc, coef, sums: _Sums, idx, c0: int, c1: int, grads: bool) -> None:
+    """Loss and statistics of one chunk's ``(m, C, D)`` logits ``x3``; with ``grads``, dlogits into ``x3``."""
+    loss_c, stats_c = eng.ce_fwd(x3, tc, p.spec, coef, x3 if grads else None)
+    sums.total += loss_c.sum()
+    D = x3.shape[2]
+    if sums.rows_loss is not None:
+        if idx is None:
+            sums.rows_loss[c0 * D : c1 * D] = loss_c
+        else:
+            sums.rows_loss.view(-1, D).index_copy_(0, idx, loss_c.view(-1, D))
+    sums.stats[c0 * D : c1 * D] = stats_c
+
+
+def _chunk_grads(p: Problem, logits, xc, idx, sums: _Sums, c0: int, c1: int) -> None:
+    """Add one chunk's dlogits ``(m, V)`` to the input, weight and bias gradients."""
+    if sums.gi is not None:
+        if idx is None:
+            torch.mm(logits, p.w, out=sums.gi[c0:c1])
+        else:
+            sums.gi.index_copy_(0, idx, torch.mm(logits, p.w))
+    if sums.gw is not None:
+        add_weight_grad(sums.gw, logits, xc)
+    if sums.gb is not None:
+        sums.gb += logits.sum(0, dtype=sums.gb.dtype)
 
 
 def run(
+    eng,
     p: Problem,
     coef: torch.Tensor,
     need: tuple[bool, bool, bool],
     *,
     per_row: bool = False,
-    save_lse: bool = False,
-    lse: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
     gout: torch.Tensor | None = None,
 ) -> Result:
-    """One pass over the chunks: the loss (forward, ``lse`` None) and/or the gradients.
+    """One pass over the chunks: the loss (forward, ``stats`` None) and/or the gradients.
 
     Args:
+        eng: the cross-entropy engine (``reference`` or ``kernels`` ``cross_entropy``); it writes
+            the gradient into the logits buffer in place.
         p: the problem and its plan.
-        coef: ``(1,)`` fp32 scale of the gradient (1/denominator for 'mean', else 1).
+        coef: ``(1,)`` fp32 (fp64) scale of the gradient (1/denominator for 'mean', else 1).
         need: which of (input, weight, bias) gradients to compute.
-        per_row: forward only: also return the ``(N,)`` per-row losses.
-        save_lse: forward only: also return the ``(n,)`` per-row log-sum-exp.
-        lse: backward pass: the forward's ``(n,)`` log-sum-exp; the loss is not recomputed.
-        gout: backward pass: upstream gradient, ``(n,)`` per computed row or ``(1,)`` for all.
+        per_row: forward only: also return the ``(N * D,)`` losses.
+        stats: backward pass: the forward's ``(n * D, 2)`` statistics; the loss is not recomputed.
+        gout: backward pass: upstream gradient, ``(n * D,)`` per computed position or ``(1,)`` for all.
     """
-    impl = engine(p)
-    fused = getattr(impl, "FUSES_GRAD", True)
-    x, w, b, t, spec, rows, n, chunk = p.x, p.w, p.b, p.t, p.spec, p.rows, p.n, p.chunk
-    N, H = x.shape
-    V = w.shape[0]
-    dev, acc = x.device, acc_dtype(x.dtype)
-    grads_wanted = any(need)
-    forward = lse is None
-    if forward and gout is None:
-        gout = torch.ones(1, dtype=acc, device=dev)
-    gi = gw = gb = None
-    if need[0]:
-        gi = (torch.zeros if rows is not None else torch.empty)(N, H, dtype=x.dtype, device=dev)
-    if need[1]:
-        gw = torch.zeros(V, H, dtype=p.wgrad, device=dev)
-    if need[2]:
-        gb = torch.zeros(V, dtype=acc, device=dev)
-    total = torch.zeros((), dtype=acc, device=dev) if forward else None
-    rows_loss = torch.zeros(N, dtype=acc, device=dev) if forward and per_row else None
-    lse_out = torch.empty(n, dtype=acc, device=dev) if forward and save_lse else None
-    buf = torch.empty(min(chunk, n), V, dtype=x.dtype, device=dev) if n else None
-    wt = w.t()
-    for c0 in range(0, n, chunk):
-        c1 = min(n, c0 + chunk)
-        idx = None if rows is None else rows[c0:c1]
-        xc = x[c0:c1] if idx is None else x.index_select(0, idx)
-        tc = t[c0:c1] if idx is None else t.index_select(0, idx)
+    forward = stats is None
+    sums = _allocate(p, need, forward, per_row)
+    V = p.w.shape[0]
+    D = V // p.classes
+    buf = torch.empty(min(p.chunk, p.n), V, dtype=p.x.dtype, device=p.x.device) if p.n else None
+    wt = p.w.t()
+    for c0 in range(0, p.n, p.chunk):
+        c1 = min(p.n, c0 + p.chunk)
+        idx, xc, tc = _chunk_operands(p, c0, c1)
         logits = buf[: c1 - c0]
-        if b is None:
+        if p.b is None:
             torch.mm(xc, wt, out=logits)
         else:
-            torch.addmm(b, xc, wt, out=logits)
-        x3 = logits.unsqueeze(-1)  # (m, V, 1): the (A, C, B) view the CE engine works on
-        t3 = tc.unsqueeze(-1)  # (m, 1) indices or (m, V, 1) probabilities
+            torch.addmm(p.b, xc, wt, out=logits)
+        x3 = logits.view(c1 - c0, p.classes, D)  # the (A, C, B) view the CE engine works on
         if forward:
-            in_place = grads_wanted and fused
-            loss_c, lse_c = impl.ce_fwd(x3, t3, spec, coef, x3 if in_place else None)
-            total += loss_c.sum()
-            if rows_loss is not None:
-                if idx is None:
-                    rows_loss[c0:c1] = loss_c
-                else:
-                    rows_loss.index_copy_(0, idx, loss_c)
-            if lse_out is not None:
-                lse_out[c0:c1] = lse_c
-            if grads_wanted and not in_place:
-                impl.ce_bwd(x3, t3, spec, lse_c, gout, coef, x3, None)
+            _chunk_forward(eng, p, x3, tc, coef, sums, idx, c0, c1, any(need))
         else:
-            g = gout if gout.numel() == 1 else gout[c0:c1]
-            impl.ce_bwd(x3, t3, spec, lse[c0:c1], g, coef, x3, None)
-        if gi is not None:
-            if idx is None:
-                torch.mm(logits, w, out=gi[c0:c1])
-            else:
-                gi.index_copy_(0, idx, torch.mm(logits, w))
-        if gw is not None:
-            add_weight_grad(gw, logits, xc)
-        if gb is not None:
-            gb += logits.sum(0, dtype=acc)
+            g = gout if gout.numel() == 1 else gout[c0 * D : c1 * D]
+            eng.ce_bwd(x3, tc, p.spec, stats[c0 * D : c1 * D], g, coef, x3, None)
+        if any(need):
+            _chunk_grads(p, logits, xc, idx, sums, c0, c1)
     buf = logits = x3 = None  # free the chunk buffer before the accumulator's cast allocates the result
-    if gw is not None and gw.dtype != w.dtype:
-        gw = gw.to(w.dtype)
-    if gb is not None and b is not None and gb.dtype != b.dtype:
-        gb = gb.to(b.dtype)
-    return Result(total, rows_loss, lse_out, Grads(gi, gw, gb))
+    gw, gb = sums.gw, sums.gb
+    if gw is not None and gw.dtype != p.w.dtype:
+        gw = gw.to(p.w.dtype)
+    if gb is not None and p.b is not None and gb.dtype != p.b.dtype:
+        gb = gb.to(p.b.dtype)
+    return Result(sums.total, sums.rows_loss, sums.stats, Grads(sums.gi, gw, gb))

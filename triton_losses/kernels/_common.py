@@ -8,8 +8,13 @@ All offsets are computed in int64, so tensors with more than 2**31 elements are 
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
+
+NEG_INF = tl.constexpr(float("-inf"))
 
 # Taylor coefficients of tanh(y) = sum_k c_k * y**(2k+1), used for |y| < 0.25 where the
 # exp-based formula would cancel; 12 terms are exact to fp64 precision on that interval.
@@ -74,32 +79,105 @@ def row_offsets(rows, B, s_a, s_b):
     return a * s_a + b * s_b
 
 
+@triton.jit
+def online_lse_update(m, s, x):
+    """Fold a tile ``x`` into per-lane running ``(m, s)``: max and sum of ``exp(x - m)`` so far.
+
+    One exponential per element: the smaller of (running max, new value) is exponentiated
+    relative to the larger. ``-inf`` lanes add 0 (an all ``-inf`` row never computes
+    ``-inf - -inf``); a NaN ``x`` makes ``s`` NaN; ``+inf`` surfaces as NaN in
+    :func:`online_lse_finish`. ``m``, ``s`` and ``x`` share one shape (a tile or a row vector).
+    """
+    gt = x > m
+    m_new = tl.where(gt, x, m)
+    shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+    e = tl.exp(tl.where(gt, m, x) - shift)
+    s = tl.where(gt, s * e + 1.0, s + e)
+    return m_new, s
+
+
+@triton.jit
+def online_lse_finish(m, s):
+    """Per-row ``(max, sum of exp(x - max))`` from per-lane running ``(m, s)`` tiles ``(BLOCK_R, BLOCK_C)``.
+
+    The sum stays separate from the max so callers form ``exp(x - max) / sum`` (or
+    ``(x - max) - log(sum)``) without rounding a log-sum-exp first. A row holding ``+inf`` gets a
+    NaN sum; an all ``-inf`` row gets max ``-inf`` and sum 0.
+    """
+    mr = tl.max(m, 1)
+    shift = tl.where(mr == NEG_INF, 0.0, mr)
+    sr = tl.sum(s * tl.exp(m - shift[:, None]), 1)
+    return mr, sr
+
+
+def tl_acc(dtype: torch.dtype):
+    """Triton accumulation dtype for ``dtype`` data: fp64 for fp64, fp32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def assert_options(x: torch.Tensor) -> dict:
+    """Launch options that keep ``tl.device_assert`` on CUDA (Triton drops it unless ``debug``); none on the CPU.
+
+    ``sanitize_overflow=False``: ``debug`` alone would also add an overflow assert to every int32 operation.
+    """
+    return dict(debug=True, sanitize_overflow=False) if x.is_cuda else {}
+
+
+def traced_scale_(g: torch.Tensor, factor: torch.Tensor) -> None:
+    """``g *= factor`` with torch ops: the ``scale_`` of a ``TRACED`` namespace (never reached while
+    tracing, where ``FUSES_GRAD`` is False)."""
+    g.mul_(factor.reshape(()).to(g.dtype))
+
+
+def on_device(t: torch.Tensor):
+    """Context under which kernels for ``t`` launch: its CUDA device, or for CPU tensors (Triton's
+    interpreter) one that keeps the interpreter's numpy floating-point warnings from the caller."""
+    return torch.cuda.device(t.device) if t.is_cuda else _quiet_interpreter()
+
+
+@contextlib.contextmanager
+def _quiet_interpreter():
+    """Silence numpy's overflow / invalid / divide warnings while the interpreter runs a kernel.
+
+    The interpreter evaluates kernels with numpy, which warns (RuntimeWarning) where the GPU silently
+    produces inf / NaN, e.g. ``exp(-inf - -inf)`` on a masked lane; the results are the same.
+    """
+    import numpy as np
+
+    with np.errstate(all="ignore"):
+        yield
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 # Tile elements each thread holds when a program has one row, per element size, and the most
 # warps a program gets. Chosen statically, as no GPU has timed them yet: compiled for sm_80 and
-# sm_90 (ptxas register counts, read by tests/test_aot_compile.py), 32 bf16 values per thread
-# (8192-column blocks at 8 warps, the first guess) spilled up to 504 bytes of registers in the
+# sm_90 (register counts and spills read from the cubin by tests/aot_compile.py), 32 bf16 values per
+# thread (8192-column blocks at 8 warps, the widest tile tried) spilled up to 504 bytes of registers in the
 # weighted / smoothed / distillation kernels, and 512-thread programs are capped at 128 registers,
 # which spilled too; 16 per thread (8 for fp64, two registers each) at 8 warps spills at most a
 # few words. Programs holding several short rows (``BLOCK_R > 1``) carry per-row state as well, so
-# they hold half as much. Longer rows take the online (running max / sum) loop over blocks of
-# 4096 columns (2048 for fp64). Time wider tiles and 16 warps on a GPU before calling this tuned.
-_PER_THREAD = {2: 16, 4: 16, 8: 8}
+# they hold half as much. fp64 holds 4: at 8 the fp64 JSD kernel used 158-159 registers (1024 and
+# 2048 columns) and a K-dim cross-entropy forward spilled 8 bytes (sm_90). Longer rows take the
+# online (running max / sum) loop over blocks of 4096 columns (1024 for fp64). Time wider tiles and
+# 16 warps on a GPU before calling this tuned.
+_PER_THREAD = {2: 16, 4: 16, 8: 4}
 _MAX_WARPS = 8
 _MIN_BLOCK_C = 16
 
 
-def launch_config(C: int, elem_size: int, col_contiguous: bool) -> tuple[int, int, int]:
+def launch_config(C: int, elem_size: int, col_contiguous: bool, per_thread: int | None = None) -> tuple[int, int, int]:
     """Choose ``(BLOCK_R, BLOCK_C, num_warps)`` for a row-wise kernel over rows of length ``C``.
 
     Rows whose classes are contiguous (``stride_c == 1``) are tiled along the row; K-dim rows
     (classes strided, neighbouring rows contiguous) are tiled across rows, so loads coalesce.
-    Short rows share a program (``BLOCK_R > 1``) in a tile half as large.
+    Short rows share a program (``BLOCK_R > 1``) in a tile half as large. ``per_thread`` overrides
+    the tile values per thread of a one-row program (default ``_PER_THREAD[elem_size]``) for a kernel
+    that keeps more per-element temporaries live.
     """
-    per_thread = _PER_THREAD[elem_size]
+    per_thread = _PER_THREAD[elem_size] if per_thread is None else per_thread
     tile = 32 * _MAX_WARPS * per_thread
     block_c = max(_MIN_BLOCK_C, next_pow2(C))
     if col_contiguous:
@@ -112,51 +190,3 @@ def launch_config(C: int, elem_size: int, col_contiguous: bool) -> tuple[int, in
         per_thread //= 2
     num_warps = max(4, min(_MAX_WARPS, block_r * block_c // (32 * per_thread)))
     return block_r, block_c, num_warps
-
-
-def reachable_configs(elem_size: int) -> set[tuple[int, int, int, bool]]:
-    """Every ``(BLOCK_R, BLOCK_C, num_warps, C <= BLOCK_C)`` a launch can use (for AOT tests)."""
-    out = set()
-    for contig in (True, False):
-        for p in range(0, 21):
-            for C in (1 << p, (1 << p) + 1):
-                block_r, block_c, warps = launch_config(C, elem_size, contig)
-                out.add((block_r, block_c, warps, block_c >= C))
-    return out
-
-
-class AotCase:
-    """One kernel specialisation a launcher can produce, for ahead-of-time compilation tests.
-
-    Attributes:
-        kernel: the ``@triton.jit`` function.
-        ptr_dtypes: Triton dtype name (``"fp32"``, ``"bf16"``, ``"i64"``, ...) of each ``*_ptr`` argument.
-        constexprs: value of every ``tl.constexpr`` argument.
-        num_warps: the launch's ``num_warps``.
-        floats: names of scalar float arguments (all other scalars are ``i64``).
-    """
-
-    def __init__(self, kernel, ptr_dtypes: dict, constexprs: dict, num_warps: int, floats=()):
-        self.kernel, self.ptr_dtypes, self.constexprs = kernel, ptr_dtypes, constexprs
-        self.num_warps, self.floats = num_warps, set(floats)
-
-    def signature(self) -> dict:
-        sig = {}
-        for name in self.kernel.arg_names:
-            if name in self.constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*" + self.ptr_dtypes[name]
-            else:
-                sig[name] = "fp32" if name in self.floats else "i64"
-        return sig
-
-    def __repr__(self) -> str:
-        """A unique name: every pointer's dtype and every constexpr's value."""
-        names = self.kernel.arg_names
-        ptrs = ",".join(f"{k}:{v}" for k, v in self.ptr_dtypes.items() if k in names)
-        flags = ",".join(f"{k}={getattr(v, 'name', v)}" for k, v in self.constexprs.items())
-        return f"{self.kernel.fn.__name__}[{ptrs}|{flags}|warps={self.num_warps}]"
-
-
-TL_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}

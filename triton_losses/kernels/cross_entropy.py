@@ -1,29 +1,41 @@
-"""Online-softmax cross-entropy / NLL kernels and their launchers.
+"""Online-softmax cross-entropy / NLL kernels, their launchers, and ``TRACED`` (the same as custom ops).
 
 One forward kernel and one backward kernel serve every option through ``tl.constexpr`` flags:
 index or probability targets, log-probability input (NLL), class weights, label smoothing,
 z-loss and softcap. The forward reads each row once (running max and sum-exp over column
-blocks) and writes per-row ``loss`` and ``lse``; with ``WRITE_GRAD`` it then writes the row's
-gradient while the row is still in cache, so the backward only has to scale it.
+blocks) and writes per-row ``loss`` and statistics ``(max, sum of exp(x - max))``; with
+``WRITE_GRAD`` it then writes the row's gradient while the row is still in cache, so the backward
+only has to scale it. The max and the sum stay apart (the softmax is ``exp(x - max) / sum``), so
+fp32 accuracy does not fall with the logits' magnitude. Two one-program kernels finish a call:
+``_ce_norm_kernel`` (class-weight sum, 'mean' denominator and gradient coefficient, before the
+forward) and ``_ce_finish_kernel`` (the reduced loss in the output dtype).
+
+An index target outside ``[0, C)`` (and not ``ignore_index``) trips a ``tl.device_assert`` on
+CUDA, as torch's CUDA kernels do; every load uses a clamped index, so it never reads out of bounds.
 """
 
 from __future__ import annotations
+
+import functools
+import types
 
 import torch
 import triton
 import triton.language as tl
 
-from ..spec import CESpec
-from ._common import launch_config, row_block, row_offsets, tanh
+from .._precision import acc_dtype
+from ..options import CESpec
+from ..reference import cross_entropy as _reference
+from ._common import NEG_INF, assert_options, launch_config, on_device, row_block, row_offsets, tanh, tl_acc
 
-_NEG_INF = tl.constexpr(float("-inf"))
+FUSES_GRAD = True  # ce_fwd(..., grad=buffer) writes the gradient of the reduced loss
 
 
 @triton.jit
 def _softcap(x, cap, mask, HAS_SOFTCAP: tl.constexpr):
     """``cap * tanh(x / cap)`` on live lanes; masked lanes stay ``-inf``."""
     if HAS_SOFTCAP:
-        x = tl.where(mask, cap * tanh(x / cap), _NEG_INF)
+        x = tl.where(mask, cap * tanh(x / cap), NEG_INF)
     return x
 
 
@@ -31,79 +43,116 @@ def _softcap(x, cap, mask, HAS_SOFTCAP: tl.constexpr):
 def _ce_grad_pass(
     x_ptr, xoff, s_xc,  # logits rows: base offsets (BLOCK_R,), class stride
     t_ptr, toff, s_tc,  # probability targets (PROB_TARGET) rows
-    w_ptr,  # class weights (C,)
+    w_ptr, s_w,  # class weights (C,), stride
     g_ptr, goff, s_gc,  # gradient rows to write
     dt_ptr, dtoff, s_dtc,  # target gradient rows to write (WRITE_TGRAD)
-    rmask, tgt, lse, a_coef, own, rscale,  # per-row (BLOCK_R,) values
-    C, smoothing, softcap,
+    rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale,  # per-row (BLOCK_R,) values; tgt: local class index
+    C, c_off, NC, smoothing, softcap,  # local classes, the first one's global index, global classes
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_TGRAD: tl.constexpr,
     BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """Write ``rscale * dloss/dx`` (and ``dloss/dtarget``) for a block of rows, one column block at a time."""
+    """Write ``rscale * dloss/dx`` (and ``dloss/dtarget``) for a block of rows, one column block at a time.
+
+    ``d = exp(x - m) * (a_rs * inv_s) - own_rs * onehot - (smoothing / C) * w * rscale`` (index
+    targets) or ``... - w * t * rscale`` (probability targets), times the softcap's derivative;
+    the smoothing divides by the global class count ``NC`` and weights are read at ``c_off + col``.
+    """
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < C
         mask = rmask[:, None] & cmask[None, :]
         cols64 = cols.to(tl.int64)
         if LOGP_INPUT:
-            d = tl.where(cols64[None, :] == tgt[:, None], -own[:, None], 0.0)
+            d = tl.where(cols64[None, :] == tgt[:, None], -own_rs[:, None], 0.0)
         else:
             x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=0.0).to(ACC)
             x = _softcap(x, softcap, mask, HAS_SOFTCAP)
-            d = tl.exp(x - lse[:, None]) * a_coef[:, None]
+            d = tl.exp(x - m[:, None]) * (a_rs * inv_s)[:, None]
             if HAS_WEIGHT:
-                w = tl.load(w_ptr + cols64, mask=cmask, other=0.0).to(ACC)
+                w = tl.load(w_ptr + (c_off + cols64) * s_w, mask=cmask, other=0.0).to(ACC)
             if PROB_TARGET:
                 t = tl.load(t_ptr + toff[:, None] + cols64[None, :] * s_tc, mask=mask, other=0.0)
                 t = t.to(ACC)
                 if HAS_SMOOTHING:
-                    t = t * (1.0 - smoothing) + smoothing / C
+                    t = t * (1.0 - smoothing) + smoothing / NC
                 if HAS_WEIGHT:
-                    d -= w[None, :] * t
-                else:
-                    d -= t
+                    t = w[None, :] * t
+                d -= t * rscale[:, None]
                 if WRITE_TGRAD:
-                    dt = (lse[:, None] - x) * (1.0 - smoothing) * rscale[:, None]
+                    dt = (lse[:, None] - x) * ((1.0 - smoothing) * rscale)[:, None]
                     if HAS_WEIGHT:
                         dt = dt * w[None, :]
                     dst = dt_ptr + dtoff[:, None] + cols64[None, :] * s_dtc
                     tl.store(dst, dt.to(dt_ptr.dtype.element_ty), mask=mask)
             else:
-                d -= tl.where(cols64[None, :] == tgt[:, None], own[:, None], 0.0)
+                d -= tl.where(cols64[None, :] == tgt[:, None], own_rs[:, None], 0.0)
                 if HAS_SMOOTHING:
                     if HAS_WEIGHT:
-                        d -= (smoothing / C) * w[None, :]
+                        d -= ((smoothing / NC) * rscale)[:, None] * w[None, :]
                     else:
-                        d -= smoothing / C
+                        d -= ((smoothing / NC) * rscale)[:, None]
             if HAS_SOFTCAP:
                 y = x / softcap
                 d = d * (1.0 - y * y)
-        d = d * rscale[:, None]
         tl.store(g_ptr + goff[:, None] + cols64[None, :] * s_gc, d.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _ce_row_coefs(tgt, lse, w_t, wsum, C, smoothing, z_loss,
-                  PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
-                  S1):  # fmt: skip
-    """Per-row gradient coefficients: ``d = p * a_coef - own * onehot - (smoothing terms)``."""
+def _ce_row_coefs(w_t, lse, rscale, wsum, C, smoothing, z_loss, S1,
+                  PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr):  # fmt: skip
+    """Per-row gradient coefficients ``(a_rs, own_rs)``, already scaled by ``rscale``.
+
+    Index targets keep ``own_rs = own * rscale`` inside ``a_rs``: a NaN ``own_rs`` (a zero class
+    weight times the infinite coefficient of a zero 'mean' denominator) makes the row NaN, as
+    torch's log_softmax backward of its NaN ``nll`` gradient does.
+    """
     if PROB_TARGET:
-        a_coef = S1
-        own = tl.zeros_like(lse)
+        a = S1
+        if HAS_Z:
+            a += 2.0 * z_loss * lse
+        a_rs = a * rscale
+        own_rs = tl.zeros_like(lse)
     else:
         own = w_t
         if HAS_SMOOTHING:
             own = (1.0 - smoothing) * w_t
-            a_coef = own + smoothing * wsum / C
-        else:
-            a_coef = w_t
-    if HAS_Z:
-        if PROB_TARGET:
-            a_coef += 2.0 * z_loss * lse
-        else:
-            a_coef += 2.0 * z_loss * w_t * lse
-    return a_coef, own
+        own_rs = own * rscale
+        a_rs = own_rs
+        if HAS_SMOOTHING:
+            a_rs += (smoothing * wsum / C) * rscale
+        if HAS_Z:
+            a_rs += (2.0 * z_loss) * w_t * lse * rscale
+    return a_rs, own_rs
+
+
+@triton.jit
+def _index_targets(t_ptr, toff, w_ptr, s_w, rmask, C, ignore_index, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """Index targets of a block of rows: ``(target, ignored, in_range, clamped, class_weight)``.
+
+    The clamped index is the one loads use, so an out-of-range target never reads out of bounds;
+    on CUDA it trips the device assert.
+    """
+    tgt = tl.load(t_ptr + toff, mask=rmask, other=0).to(tl.int64)
+    ignored = tgt == ignore_index
+    inb = (tgt >= 0) & (tgt < C)
+    tl.device_assert(ignored | inb | ~rmask, "cross_entropy / nll_loss: target out of bounds")
+    tsafe = tl.where(inb, tgt, 0)
+    if HAS_WEIGHT:
+        w_t = tl.load(w_ptr + tsafe * s_w, mask=rmask & inb, other=0.0).to(ACC)
+    else:
+        w_t = tl.where(inb, 1.0, 1.0).to(ACC)
+    return tgt, ignored, inb, tsafe, w_t
+
+
+@triton.jit
+def _load_scalar(ptr, HAS: tl.constexpr, ACC: tl.constexpr):
+    """``*ptr`` in ``ACC``, or 1 when ``HAS`` is False (no load)."""
+    if HAS:
+        v = tl.load(ptr).to(ACC)
+    else:
+        v = tl.full([], 1.0, ACC)
+    return v
 
 
 @triton.jit
@@ -112,41 +161,25 @@ def _weight_sum(wsum_ptr, C, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
     if HAS_WEIGHT:
         wsum = tl.load(wsum_ptr).to(ACC)
     else:
-        wsum = C * 1.0
+        wsum = tl.zeros([], ACC) + C
     return wsum
-
-
-@triton.jit
-def _index_targets(t_ptr, toff, w_ptr, rmask, C, ignore_index, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
-    """Index targets of a block of rows: ``(target, ignored, in_range, clamped, class_weight)``.
-
-    The clamped index is the one loads use, so an out-of-range target never reads out of bounds.
-    """
-    tgt = tl.load(t_ptr + toff, mask=rmask, other=0).to(tl.int64)
-    ignored = tgt == ignore_index
-    inb = (tgt >= 0) & (tgt < C)
-    tsafe = tl.where(inb, tgt, 0)
-    if HAS_WEIGHT:
-        w_t = tl.load(w_ptr + tsafe, mask=rmask & inb, other=0.0).to(ACC)
-    else:
-        w_t = tl.where(inb, 1.0, 1.0).to(ACC)
-    return tgt, ignored, inb, tsafe, w_t
 
 
 @triton.jit
 def _ce_fwd_kernel(
     x_ptr, s_xa, s_xc, s_xb,  # logits (A, C, B)
     t_ptr, s_ta, s_tc, s_tb,  # targets: index (A, B) or probabilities (A, C, B)
-    w_ptr, wsum_ptr,  # class weights (C,) and their sum (1,)
-    loss_ptr, lse_ptr,  # per-row outputs (R,) fp32 (fp64 for fp64 logits)
+    w_ptr, s_w, wsum_ptr,  # class weights (C,) with their stride, and their sum (1,)
+    loss_ptr, stats_ptr,  # per-row loss (R,) and (max, sum-exp) (R, 2), fp32 (fp64 for fp64 logits)
     g_ptr, s_ga, s_gc, s_gb,  # fused gradient (A, C, B), written when WRITE_GRAD
-    coef_ptr,  # (1,) fp32 scale of the fused gradient (1/denominator for 'mean', 1 for 'sum')
+    coef_ptr,  # (1,) scale of the fused gradient (1/denominator for 'mean'), read when HAS_COEF
     R, C, B, ignore_index, smoothing, z_loss, softcap,
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, HAS_COEF: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """Per-row cross-entropy (or NLL) loss and log-sum-exp for ``BLOCK_R`` rows, optionally the gradient."""
+    """Per-row cross-entropy (or NLL) loss and statistics for ``BLOCK_R`` rows, optionally the gradient."""
     rows, rmask = row_block(R, BLOCK_R)
     xoff = row_offsets(rows, B, s_xa, s_xb)
     toff = row_offsets(rows, B, s_ta, s_tb)
@@ -157,10 +190,11 @@ def _ce_fwd_kernel(
     ignored = rmask & False
     inb = rmask | True
     if not PROB_TARGET:
-        tgt, ignored, inb, tsafe, w_t = _index_targets(t_ptr, toff, w_ptr, rmask, C, ignore_index, HAS_WEIGHT, ACC)
+        tgt, ignored, inb, tsafe, w_t = _index_targets(t_ptr, toff, w_ptr, s_w, rmask, C, ignore_index,
+                                                       HAS_WEIGHT, ACC)  # fmt: skip
         x_t = tl.load(x_ptr + xoff + tsafe * s_xc, mask=rmask & inb, other=0.0).to(ACC)
         x_t = _softcap(x_t, softcap, rmask | True, HAS_SOFTCAP)
-    m = tl.full([BLOCK_R], _NEG_INF, ACC)
+    m = tl.full([BLOCK_R], NEG_INF, ACC)
     s = tl.zeros([BLOCK_R], ACC)
     swx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * x_c (label smoothing)
     swt = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * t_c (probability targets)
@@ -171,14 +205,14 @@ def _ce_fwd_kernel(
             cmask = cols < C
             mask = rmask[:, None] & cmask[None, :]
             cols64 = cols.to(tl.int64)
-            x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=_NEG_INF)
+            x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=NEG_INF)
             x = _softcap(x.to(ACC), softcap, mask, HAS_SOFTCAP)
             m_new = tl.maximum(m, tl.max(x, 1))
-            shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            shift = tl.where(m_new == NEG_INF, 0.0, m_new)
             s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
             m = m_new
             if HAS_WEIGHT:
-                w = tl.load(w_ptr + cols64, mask=cmask, other=0.0).to(ACC)[None, :]
+                w = tl.load(w_ptr + cols64 * s_w, mask=cmask, other=0.0).to(ACC)[None, :]
             else:
                 w = 1.0
             if HAS_SMOOTHING:
@@ -188,9 +222,8 @@ def _ce_fwd_kernel(
                 wt = w * t.to(ACC)
                 swt += tl.sum(wt, 1)
                 swtx += tl.sum(tl.where(mask, wt * x, 0.0), 1)
-        lse = m + tl.log(s)
-    else:
-        lse = tl.zeros([BLOCK_R], ACC)
+    logs = tl.log(s)
+    lse = m + logs
 
     S1 = swt
     if PROB_TARGET:
@@ -198,30 +231,33 @@ def _ce_fwd_kernel(
         if HAS_SMOOTHING:
             S1 = (1.0 - smoothing) * swt + smoothing * wsum / C
             S2 = (1.0 - smoothing) * swtx + smoothing * swx / C
-        loss = lse * S1 - S2
+        loss = (m * S1 - S2) + logs * S1
         if HAS_Z:
             loss += z_loss * lse * lse
     else:
         if LOGP_INPUT:
             loss = -w_t * x_t
         else:
-            loss = w_t * (lse - x_t)
+            loss = w_t * ((m - x_t) + logs)
             if HAS_SMOOTHING:
-                loss = (1.0 - smoothing) * loss + smoothing / C * (wsum * lse - swx)
+                loss = (1.0 - smoothing) * loss + smoothing / C * ((wsum * m - swx) + wsum * logs)
             if HAS_Z:
                 loss += z_loss * w_t * lse * lse
         loss = tl.where(ignored, 0.0, tl.where(inb, loss, float("nan")))
     tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
-    tl.store(lse_ptr + rows, lse.to(lse_ptr.dtype.element_ty), mask=rmask)
+    if not LOGP_INPUT:
+        tl.store(stats_ptr + 2 * rows, m.to(stats_ptr.dtype.element_ty), mask=rmask)
+        tl.store(stats_ptr + 2 * rows + 1, s.to(stats_ptr.dtype.element_ty), mask=rmask)
 
     if WRITE_GRAD:
-        coef = tl.load(coef_ptr).to(ACC)
+        coef = _load_scalar(coef_ptr, HAS_COEF, ACC)
         rscale = tl.where(ignored, 0.0, tl.where(inb, coef, float("nan")))
-        a_coef, own = _ce_row_coefs(tgt, lse, w_t, wsum, C, smoothing, z_loss,
-                                    PROB_TARGET, HAS_SMOOTHING, HAS_Z, S1)  # fmt: skip
+        a_rs, own_rs = _ce_row_coefs(w_t, lse, rscale, wsum, C, smoothing, z_loss, S1,
+                                     PROB_TARGET, HAS_SMOOTHING, HAS_Z)  # fmt: skip
         goff = row_offsets(rows, B, s_ga, s_gb)
-        _ce_grad_pass(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, g_ptr, goff, s_gc,
-                      g_ptr, goff, s_gc, rmask, tgt, lse, a_coef, own, rscale, C, smoothing, softcap,
+        _ce_grad_pass(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, s_w, g_ptr, goff, s_gc,
+                      g_ptr, goff, s_gc, rmask, tgt, m, 1.0 / s, lse, a_rs, own_rs, rscale,
+                      C, 0, C, smoothing, softcap,
                       HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, False,
                       BLOCK_C, ACC)  # fmt: skip
 
@@ -230,28 +266,44 @@ def _ce_fwd_kernel(
 def _ce_bwd_kernel(
     x_ptr, s_xa, s_xc, s_xb,  # logits (A, C, B)
     t_ptr, s_ta, s_tc, s_tb,  # targets: index (A, B) or probabilities (A, C, B)
-    w_ptr, wsum_ptr,  # class weights (C,) and their sum (1,)
-    lse_ptr,  # saved per-row log-sum-exp (R,) fp32 (fp64 for fp64 logits)
+    w_ptr, s_w, wsum_ptr,  # class weights (C,) with their stride, and their sum (1,)
+    stats_ptr, s_st,  # per-row (max, sum-exp[, smoothed sum_c w_c t_c]) (R, s_st), fp32 (fp64 for fp64 logits)
     gout_ptr, s_gout,  # upstream gradient: per row (stride 1) or one scalar (stride 0)
-    coef_ptr,  # (1,) fp32 extra scale (1/denominator for 'mean')
+    coef_ptr,  # (1,) extra scale (1/denominator for 'mean'), read when HAS_COEF
     g_ptr, s_ga, s_gc, s_gb,  # gradient w.r.t. the logits (A, C, B)
     dt_ptr, s_da, s_dc, s_db,  # gradient w.r.t. probability targets (A, C, B), when WRITE_TGRAD
     R, C, B, ignore_index, smoothing, z_loss, softcap,
+    c_off, NC,  # global index of the first local class, global class count (C, 0 for a whole row)
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    WRITE_TGRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    WRITE_TGRAD: tl.constexpr, HAS_COEF: tl.constexpr, GIVEN_S1: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """Gradient of the per-row loss for ``BLOCK_R`` rows from the saved log-sum-exp."""
+    """Gradient of the per-row loss for ``BLOCK_R`` rows from the saved statistics.
+
+    With ``C < NC`` the rows are the classes ``[c_off, c_off + C)`` of ``NC`` (vocabulary
+    parallel): targets are global indices, the statistics global, and ``GIVEN_S1`` reads the
+    probability targets' global ``sum_c w_c t_c`` from column 2 of the statistics.
+    """
     rows, rmask = row_block(R, BLOCK_R)
     xoff = row_offsets(rows, B, s_xa, s_xb)
     toff = row_offsets(rows, B, s_ta, s_tb)
-    wsum = _weight_sum(wsum_ptr, C, HAS_WEIGHT, ACC)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0).to(ACC)
-    coef = tl.load(coef_ptr).to(ACC) * tl.load(gout_ptr + rows * s_gout, mask=rmask, other=0.0).to(ACC)
+    wsum = _weight_sum(wsum_ptr, NC, HAS_WEIGHT, ACC)
+    m = tl.zeros([BLOCK_R], ACC)
+    s = tl.zeros([BLOCK_R], ACC) + 1.0
+    if not LOGP_INPUT:
+        m = tl.load(stats_ptr + s_st * rows, mask=rmask, other=0.0).to(ACC)
+        s = tl.load(stats_ptr + s_st * rows + 1, mask=rmask, other=1.0).to(ACC)
+    lse = m + tl.log(s)
+    coef = _load_scalar(coef_ptr, HAS_COEF, ACC)
+    coef = coef * tl.load(gout_ptr + rows * s_gout, mask=rmask, other=0.0).to(ACC)
     tgt = tl.zeros([BLOCK_R], tl.int64) - 1
     w_t = tl.zeros([BLOCK_R], ACC) + 1.0
     S1 = tl.zeros([BLOCK_R], ACC)
-    if PROB_TARGET:
+    if PROB_TARGET and GIVEN_S1:
+        rscale = coef
+        S1 = tl.load(stats_ptr + s_st * rows + 2, mask=rmask, other=0.0).to(ACC)
+    elif PROB_TARGET:
         rscale = coef
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
@@ -260,36 +312,164 @@ def _ce_bwd_kernel(
             cols64 = cols.to(tl.int64)
             t = tl.load(t_ptr + toff[:, None] + cols64[None, :] * s_tc, mask=mask, other=0.0).to(ACC)
             if HAS_WEIGHT:
-                t = t * tl.load(w_ptr + cols64, mask=cmask, other=0.0).to(ACC)[None, :]
+                t = t * tl.load(w_ptr + cols64 * s_w, mask=cmask, other=0.0).to(ACC)[None, :]
             S1 += tl.sum(t, 1)
         if HAS_SMOOTHING:
             S1 = (1.0 - smoothing) * S1 + smoothing * wsum / C
     else:
-        tgt, ignored, inb, _, w_t = _index_targets(t_ptr, toff, w_ptr, rmask, C, ignore_index, HAS_WEIGHT, ACC)
+        tgt, ignored, inb, _, w_t = _index_targets(t_ptr, toff, w_ptr, s_w, rmask, NC, ignore_index, HAS_WEIGHT, ACC)
         rscale = tl.where(ignored, 0.0, tl.where(inb, coef, float("nan")))
-    a_coef, own = _ce_row_coefs(tgt, lse, w_t, wsum, C, smoothing, z_loss,
-                                PROB_TARGET, HAS_SMOOTHING, HAS_Z, S1)  # fmt: skip
+        tgt = tgt - c_off  # the local column of the target (outside [0, C) when another slice holds it)
+    a_rs, own_rs = _ce_row_coefs(w_t, lse, rscale, wsum, NC, smoothing, z_loss, S1,
+                                 PROB_TARGET, HAS_SMOOTHING, HAS_Z)  # fmt: skip
     goff = row_offsets(rows, B, s_ga, s_gb)
     dtoff = row_offsets(rows, B, s_da, s_db)
-    _ce_grad_pass(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, g_ptr, goff, s_gc,
-                  dt_ptr, dtoff, s_dc, rmask, tgt, lse, a_coef, own, rscale, C, smoothing, softcap,
+    _ce_grad_pass(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, s_w, g_ptr, goff, s_gc,
+                  dt_ptr, dtoff, s_dc, rmask, tgt, m, 1.0 / s, lse, a_rs, own_rs, rscale,
+                  C, c_off, NC, smoothing, softcap,
                   HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
                   BLOCK_C, ACC)  # fmt: skip
 
 
 @triton.jit
-def _scale_kernel(g_ptr, factor_ptr, n, BLOCK: tl.constexpr):
-    """``g *= factor`` in place over ``n`` contiguous elements; returns at once when factor == 1."""
-    f = tl.load(factor_ptr)
+def _ce_partial_kernel(
+    x_ptr, s_xa, s_xc, s_xb,  # this slice's logits (A, C, B)
+    t_ptr, s_ta, s_tc, s_tb,  # targets: global indices (A, B) or this slice's probabilities (A, C, B)
+    w_ptr, s_w,  # the global class weights (NC,) with their stride
+    out_ptr,  # per-row partial sums (R, 6), fp32 (fp64 for fp64 logits)
+    R, C, B, c_off, softcap,  # rows, local classes, spatial size, global index of the first local class
+    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One read of a slice's rows: ``(m, sum exp(x - m), x_target, sum w x, sum w t, sum w t x)`` per row.
+
+    The target logit is 0 when the target lies outside ``[c_off, c_off + C)``; probabilities are
+    the raw (unsmoothed) ones. See ``reference.cross_entropy.ce_partial``.
+    """
+    rows, rmask = row_block(R, BLOCK_R)
+    xoff = row_offsets(rows, B, s_xa, s_xb)
+    toff = row_offsets(rows, B, s_ta, s_tb)
+    x_t = tl.zeros([BLOCK_R], ACC)
+    if not PROB_TARGET:
+        tloc = tl.load(t_ptr + toff, mask=rmask, other=0).to(tl.int64) - c_off
+        hit = rmask & (tloc >= 0) & (tloc < C)
+        x_t = tl.load(x_ptr + xoff + tl.where(hit, tloc, 0) * s_xc, mask=hit, other=0.0).to(ACC)
+        x_t = tl.where(hit, _softcap(x_t, softcap, hit, HAS_SOFTCAP), 0.0)
+    m = tl.full([BLOCK_R], NEG_INF, ACC)
+    s = tl.zeros([BLOCK_R], ACC)
+    swx = tl.zeros([BLOCK_R], ACC)
+    swt = tl.zeros([BLOCK_R], ACC)
+    swtx = tl.zeros([BLOCK_R], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        mask = rmask[:, None] & cmask[None, :]
+        cols64 = cols.to(tl.int64)
+        x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=NEG_INF)
+        x = _softcap(x.to(ACC), softcap, mask, HAS_SOFTCAP)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
+        m = m_new
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + (c_off + cols64) * s_w, mask=cmask, other=0.0).to(ACC)[None, :]
+        else:
+            w = 1.0
+        if HAS_SMOOTHING:
+            swx += tl.sum(tl.where(mask, w * x, 0.0), 1)
+        if PROB_TARGET:
+            t = tl.load(t_ptr + toff[:, None] + cols64[None, :] * s_tc, mask=mask, other=0.0)
+            wt = w * t.to(ACC)
+            swt += tl.sum(wt, 1)
+            swtx += tl.sum(tl.where(mask, wt * x, 0.0), 1)
+    dst = out_ptr + 6 * rows
+    tl.store(dst, m.to(out_ptr.dtype.element_ty), mask=rmask)
+    tl.store(dst + 1, s.to(out_ptr.dtype.element_ty), mask=rmask)
+    tl.store(dst + 2, x_t.to(out_ptr.dtype.element_ty), mask=rmask)
+    tl.store(dst + 3, swx.to(out_ptr.dtype.element_ty), mask=rmask)
+    tl.store(dst + 4, swt.to(out_ptr.dtype.element_ty), mask=rmask)
+    tl.store(dst + 5, swtx.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _ce_norm_kernel(
+    t_ptr, s_ta, s_tb,  # index targets (A, B)
+    w_ptr, s_w,  # class weights (C,) with their stride
+    out_ptr,  # (3,) fp32 (fp64): [weight sum, 'mean' denominator, gradient coefficient]
+    R, C, B, ignore_index,
+    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, MEAN: tl.constexpr,
+    BLOCK: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One program: the class-weight sum, the 'mean' denominator and ``1 / denominator`` (MEAN) or 1."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], ACC)
+    if HAS_WEIGHT:
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + offs
+            acc += tl.load(w_ptr + cols.to(tl.int64) * s_w, mask=cols < C, other=0.0).to(ACC)
+        wsum = tl.sum(acc, 0)
+    else:
+        wsum = tl.zeros([], ACC) + C
+    if PROB_TARGET:
+        denom = tl.zeros([], ACC) + R
+    else:
+        acc = tl.zeros([BLOCK], ACC)
+        for r0 in range(0, R, BLOCK):
+            rows = r0 + offs.to(tl.int64)
+            rmask = rows < R
+            tgt = tl.load(t_ptr + row_offsets(rows, B, s_ta, s_tb), mask=rmask, other=0).to(tl.int64)
+            valid = rmask & (tgt != ignore_index)
+            if HAS_WEIGHT:
+                tsafe = tl.minimum(tl.maximum(tgt, 0), C - 1)
+                acc += tl.load(w_ptr + tsafe * s_w, mask=valid, other=0.0).to(ACC)
+            else:
+                acc += tl.where(valid, 1.0, 0.0).to(ACC)
+        denom = tl.sum(acc, 0)
+    coef = tl.full([], 1.0, ACC)
+    if MEAN:
+        coef = 1.0 / denom
+    tl.store(out_ptr, wsum)
+    tl.store(out_ptr + 1, denom)
+    tl.store(out_ptr + 2, coef)
+
+
+@triton.jit
+def _ce_finish_kernel(
+    loss_ptr,  # per-row losses (R,) fp32 (fp64)
+    norm_ptr,  # (3,) from _ce_norm_kernel: the denominator is norm[1] (MEAN)
+    out_ptr,  # (1,) the reduced loss in the output dtype
+    R,
+    MEAN: tl.constexpr, NAN_IF_ZERO: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One program: ``sum(loss)`` ('sum') or ``sum(loss) / denominator`` ('mean'), cast to the output dtype."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], ACC)
+    for r0 in range(0, R, BLOCK):
+        rows = r0 + offs.to(tl.int64)
+        acc += tl.load(loss_ptr + rows, mask=rows < R, other=0.0).to(ACC)
+    total = tl.sum(acc, 0)
+    if MEAN:
+        denom = tl.load(norm_ptr + 1).to(ACC)
+        total = total / denom
+        if NAN_IF_ZERO:
+            total = tl.where(denom == 0.0, float("nan"), total)
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _scale_kernel(g_ptr, factor_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """``g *= factor`` in place over ``n`` contiguous elements, grid-stride; returns at once when factor == 1.
+
+    ``g_ptr``: the gradient (n,); ``factor_ptr``: one value of any float dtype, read as ``ACC``.
+    """
+    f = tl.load(factor_ptr).to(ACC)
     if f != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-        tl.store(g_ptr + offs, (g.to(f.dtype) * f).to(g_ptr.dtype.element_ty), mask=mask)
-
-
-def acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+            tl.store(g_ptr + offs, (g.to(f.dtype) * f).to(g_ptr.dtype.element_ty), mask=mask)
 
 
 def _flags(spec: CESpec) -> dict:
@@ -303,133 +483,319 @@ def _flags(spec: CESpec) -> dict:
     )
 
 
-def _target_strides(t: torch.Tensor, prob: bool) -> tuple[int, int, int]:
+def _scalars(spec: CESpec) -> dict:
+    return dict(ignore_index=spec.ignore_index, smoothing=spec.smoothing, z_loss=spec.z_loss,
+                softcap=spec.softcap or 1.0)  # fmt: skip
+
+
+def _target_strides(t: torch.Tensor, prob: bool) -> dict:
     if prob:
-        return t.stride(0), t.stride(1), t.stride(2)
-    return t.stride(0), 0, t.stride(1)
+        return dict(s_ta=t.stride(0), s_tc=t.stride(1), s_tb=t.stride(2))
+    return dict(s_ta=t.stride(0), s_tc=0, s_tb=t.stride(1))
 
 
-def _weight_args(spec: CESpec, x: torch.Tensor):
+def _weight_args(spec: CESpec, x: torch.Tensor) -> dict:
+    """Class weights with their stride (read in place: sliced or expanded weights are never copied)."""
     if spec.weight is None:
-        return x, x
-    return spec.weight, spec.weight_sum
+        return dict(w_ptr=x, s_w=0, wsum_ptr=x)
+    wsum = spec.weight_sum if spec.weight_sum is not None else spec.weight  # read only with smoothing
+    return dict(w_ptr=spec.weight, s_w=spec.weight.stride(0), wsum_ptr=wsum)
 
 
-def ce_fwd(x: torch.Tensor, t: torch.Tensor, spec: CESpec, coef: torch.Tensor, grad: torch.Tensor | None):
+def ce_fwd(
+    x: torch.Tensor, t: torch.Tensor, spec: CESpec, coef: torch.Tensor | None, grad: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
         x: logits viewed as ``(A, C, B)``.
         t: index targets ``(A, B)`` or probability targets ``(A, C, B)``.
-        spec: the loss options.
-        coef: ``(1,)`` fp32 scale for the fused gradient.
-        grad: ``(A, C, B)`` buffer for the fused gradient, or None to skip it.
+        spec: the loss options (``weight_sum`` is read when ``weight`` is given).
+        coef: ``(1,)`` scale for the fused gradient, or None for 1.
+        grad: ``(A, C, B)`` buffer for the fused gradient (may be ``x`` itself), or None to skip it.
 
     Returns:
-        ``(loss, lse)``, each ``(A * B,)`` fp32 (fp64 for fp64 logits).
+        ``(loss, stats)``: ``(A * B,)`` and ``(A * B, 2)`` = per-row ``(max, sum of exp(x - max))``,
+        fp32 (fp64 for fp64 logits). ``stats`` is unspecified for ``logp_input`` (NLL).
     """
     A, C, B = x.shape
     R = A * B
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     loss = torch.empty(R, device=x.device, dtype=acc)
-    lse = torch.empty(R, device=x.device, dtype=acc)
+    stats = torch.empty(R, 2, device=x.device, dtype=acc)
     if R == 0:
-        return loss, lse
+        return loss, stats
     block_r, block_c, warps = launch_config(C, x.element_size(), x.stride(1) == 1 or B == 1)
-    w, wsum = _weight_args(spec, x)
     g = grad if grad is not None else x
-    _ce_fwd_kernel[(triton.cdiv(R, block_r),)](
-        x, x.stride(0), x.stride(1), x.stride(2),
-        t, *_target_strides(t, spec.prob_target),
-        w, wsum, loss, lse,
-        g, g.stride(0), g.stride(1), g.stride(2), coef,
-        R, C, B, spec.ignore_index, spec.smoothing, spec.z_loss, spec.softcap or 1.0,
-        WRITE_GRAD=grad is not None, BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc_dtype(x.dtype),
-        num_warps=warps, **_flags(spec),
-    )  # fmt: skip
-    return loss, lse
+    with on_device(x):
+        _ce_fwd_kernel[(triton.cdiv(R, block_r),)](
+            x_ptr=x, s_xa=x.stride(0), s_xc=x.stride(1), s_xb=x.stride(2),
+            t_ptr=t, **_target_strides(t, spec.prob_target), **_weight_args(spec, x),
+            loss_ptr=loss, stats_ptr=stats,
+            g_ptr=g, s_ga=g.stride(0), s_gc=g.stride(1), s_gb=g.stride(2),
+            coef_ptr=coef if coef is not None else loss,
+            R=R, C=C, B=B, **_scalars(spec), **_flags(spec),
+            WRITE_GRAD=grad is not None, HAS_COEF=coef is not None,
+            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps, **assert_options(x),
+        )  # fmt: skip
+    return loss, stats
 
 
 def ce_bwd(
     x: torch.Tensor,
     t: torch.Tensor,
     spec: CESpec,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     gout: torch.Tensor,
-    coef: torch.Tensor,
-    grad: torch.Tensor,
-    tgrad: torch.Tensor | None,
-) -> None:
-    """Launch the backward kernel: ``grad`` (and ``tgrad``) ``(A, C, B)`` are written in place.
+    coef: torch.Tensor | None,
+    grad: torch.Tensor | None = None,
+    tgrad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the backward kernel: ``d(sum_r gout_r * coef * loss_r)/dx`` (and ``/dt``).
 
-    ``gout`` is ``(A * B,)`` (reduction 'none') or a one-element tensor broadcast to every row.
+    Args:
+        x, t, spec: as in :func:`ce_fwd`.
+        stats: the forward's ``(A * B, 2)`` statistics.
+        gout: upstream gradient ``(A * B,)`` ('none') or a one-element tensor broadcast to every row.
+        coef: ``(1,)`` extra scale, or None for 1.
+        grad: ``(A, C, B)`` buffer to write (may be ``x`` itself), or None to allocate one.
+        tgrad: ``(A, C, B)`` buffer for the probability-target gradient, or None to skip it.
+
+    Returns:
+        ``(grad, tgrad)``.
     """
     A, C, B = x.shape
     R = A * B
+    if grad is None:
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if R == 0 or C == 0:
-        return
+        return grad, tgrad
     block_r, block_c, warps = launch_config(C, x.element_size(), x.stride(1) == 1 or B == 1)
-    w, wsum = _weight_args(spec, x)
     dt = tgrad if tgrad is not None else grad
-    _ce_bwd_kernel[(triton.cdiv(R, block_r),)](
-        x, x.stride(0), x.stride(1), x.stride(2),
-        t, *_target_strides(t, spec.prob_target),
-        w, wsum, lse, gout, 1 if gout.numel() == R and R > 1 else 0, coef,
-        grad, grad.stride(0), grad.stride(1), grad.stride(2),
-        dt, dt.stride(0), dt.stride(1), dt.stride(2),
-        R, C, B, spec.ignore_index, spec.smoothing, spec.z_loss, spec.softcap or 1.0,
-        WRITE_TGRAD=tgrad is not None, BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc_dtype(x.dtype),
-        num_warps=warps, **_flags(spec),
-    )  # fmt: skip
+    with on_device(x):
+        _ce_bwd_kernel[(triton.cdiv(R, block_r),)](
+            x_ptr=x, s_xa=x.stride(0), s_xc=x.stride(1), s_xb=x.stride(2),
+            t_ptr=t, **_target_strides(t, spec.prob_target), **_weight_args(spec, x),
+            stats_ptr=stats, s_st=stats.stride(0), gout_ptr=gout, s_gout=1 if gout.numel() == R and R > 1 else 0,
+            coef_ptr=coef if coef is not None else stats,
+            g_ptr=grad, s_ga=grad.stride(0), s_gc=grad.stride(1), s_gb=grad.stride(2),
+            dt_ptr=dt, s_da=dt.stride(0), s_dc=dt.stride(1), s_db=dt.stride(2),
+            R=R, C=C, B=B, **_scalars(spec), **_flags(spec),
+            c_off=spec.class_offset, NC=spec.num_classes or C,
+            WRITE_TGRAD=tgrad is not None, HAS_COEF=coef is not None,
+            GIVEN_S1=spec.prob_target and spec.num_classes > 0,
+            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps, **assert_options(x),
+        )  # fmt: skip
+    return grad, tgrad
+
+
+def ce_partial(x: torch.Tensor, t: torch.Tensor, spec: CESpec) -> torch.Tensor:
+    """Launch the partial-sums kernel: ``(A * B, 6)`` per-row sums of a vocabulary slice.
+
+    Args:
+        x: this slice's logits ``(A, C, B)`` (classes ``[spec.class_offset, + C)``).
+        t: global index targets ``(A, B)`` or this slice's probability targets ``(A, C, B)``.
+        spec: the options; ``weight`` is the global ``(C,)`` tensor.
+
+    Returns:
+        fp32 (fp64 for fp64 logits) columns as ``reference.cross_entropy.ce_partial``'s.
+    """
+    A, C, B = x.shape
+    R = A * B
+    out = torch.zeros(R, 6, device=x.device, dtype=acc_dtype(x.dtype))
+    if R == 0:
+        return out
+    block_r, block_c, warps = launch_config(max(C, 1), x.element_size(), x.stride(1) == 1 or B == 1)
+    w = spec.weight
+    with on_device(x):
+        _ce_partial_kernel[(triton.cdiv(R, block_r),)](
+            x_ptr=x, s_xa=x.stride(0), s_xc=x.stride(1), s_xb=x.stride(2),
+            t_ptr=t, **_target_strides(t, spec.prob_target),
+            w_ptr=w if w is not None else x, s_w=w.stride(0) if w is not None else 0, out_ptr=out,
+            R=R, C=C, B=B, c_off=spec.class_offset, softcap=spec.softcap or 1.0,
+            HAS_WEIGHT=w is not None, PROB_TARGET=spec.prob_target, HAS_SMOOTHING=spec.smoothing > 0.0,
+            HAS_SOFTCAP=spec.softcap is not None,
+            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps,
+        )  # fmt: skip
+    return out
+
+
+_NORM_BLOCK = 1024
+
+
+def ce_norm(x: torch.Tensor, t: torch.Tensor, spec: CESpec, mean: bool) -> torch.Tensor:
+    """``(3,)`` fp32 (fp64) ``[sum of the class weights, 'mean' denominator, gradient coefficient]``.
+
+    One single-program launch (no host sync). See ``reference.cross_entropy.ce_norm``.
+    """
+    A, C, B = x.shape
+    out = torch.empty(3, dtype=acc_dtype(x.dtype), device=x.device)
+    w = spec.weight
+    with on_device(x):
+        _ce_norm_kernel[(1,)](
+            t_ptr=t, s_ta=t.stride(0), s_tb=t.stride(-1) if not spec.prob_target else 0,
+            w_ptr=w if w is not None else out, s_w=w.stride(0) if w is not None else 0, out_ptr=out,
+            R=A * B, C=C, B=B, ignore_index=spec.ignore_index,
+            HAS_WEIGHT=w is not None, PROB_TARGET=spec.prob_target, MEAN=mean,
+            BLOCK=_NORM_BLOCK, ACC=tl_acc(x.dtype), num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+_FINISH_BLOCK = 1024
+
+
+def ce_finish(loss: torch.Tensor, norm: torch.Tensor, spec: CESpec, reduction: str, out_dtype) -> torch.Tensor:
+    """The reduced loss in ``out_dtype`` (one single-program launch; 'none' only casts).
+
+    See ``reference.cross_entropy.ce_finish`` for the 'mean' rule with a zero denominator.
+    """
+    if reduction == "none":
+        return loss if loss.dtype == out_dtype else loss.to(out_dtype)
+    out = torch.empty((), dtype=out_dtype, device=loss.device)
+    with on_device(loss):
+        _ce_finish_kernel[(1,)](
+            loss_ptr=loss, norm_ptr=norm, out_ptr=out, R=loss.numel(),
+            MEAN=reduction == "mean", NAN_IF_ZERO=spec.smoothing > 0.0,
+            BLOCK=_FINISH_BLOCK, ACC=tl_acc(loss.dtype), num_warps=4,
+        )  # fmt: skip
+    return out
 
 
 _SCALE_BLOCK = 4096
+_FAKE_SMS = 4  # the interpreter's "SM count", so the grid-stride loop runs on a CPU too
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (read once per device); a fixed 4 off CUDA."""
+    if device.type != "cuda":
+        return _FAKE_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def scale_(g: torch.Tensor, factor: torch.Tensor) -> None:
-    """``g *= factor`` in place for a dense ``g``; a device-side no-op when ``factor == 1``."""
-    factor = factor.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
+    """``g *= factor`` in place; a device-side no-op when ``factor == 1`` (``factor``: one element, any dtype)."""
     n = g.numel()
-    if n:
-        _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](g, factor, n, BLOCK=_SCALE_BLOCK, num_warps=8)
+    if not n:
+        return
+    if not g.is_contiguous():
+        g.mul_(factor.reshape(()).to(g.dtype))
+        return
+    programs = min(triton.cdiv(n, _SCALE_BLOCK), 4 * sm_count(g.device))
+    with on_device(g):
+        _scale_kernel[(programs,)](g_ptr=g, factor_ptr=factor, n=n, BLOCK=_SCALE_BLOCK, ACC=tl_acc(g.dtype),
+                                   num_warps=8)  # fmt: skip
 
 
-def aot_cases():
-    """Every specialisation the launchers above can produce (see ``tests/test_aot_compile.py``).
+# ---- TRACED: the launchers as torch.library custom ops (used while torch.compile traces) ----------
 
-    All flag combinations at the most common configuration (bf16 logits, rows of an LM vocabulary
-    in column blocks), then every reachable block configuration of every dtype with the plain flags.
-    """
-    from itertools import product
 
-    from ._common import TL_NAMES, AotCase, launch_config, reachable_configs
+def _op_spec(weight, wsum, ignore_index, smoothing, z_loss, softcap, prob, logp) -> CESpec:
+    return CESpec(weight, wsum, ignore_index, smoothing, z_loss, softcap if softcap > 0 else None, prob, logp)
 
-    def ptrs(x: str, t: str):
-        return dict(x_ptr=x, t_ptr=t, w_ptr="fp32", wsum_ptr="fp32", loss_ptr="fp32", lse_ptr="fp32",
-                    g_ptr=x, coef_ptr="fp32", gout_ptr="fp32", dt_ptr=t)  # fmt: skip
 
-    floats = ("smoothing", "z_loss", "softcap")
-    block_r, block_c, lm_warps = launch_config(128256, 2, True)
-    tile = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl.float32)
-    for prob, logp, weight, smooth, z, cap in product((False, True), repeat=6):
-        if logp and (prob or smooth or z or cap):
-            continue
-        flags = dict(HAS_WEIGHT=weight, PROB_TARGET=prob, LOGP_INPUT=logp,
-                     HAS_SMOOTHING=smooth, HAS_Z=z, HAS_SOFTCAP=cap, **tile)  # fmt: skip
-        p = ptrs("bf16", "bf16" if prob else "i64")
-        for write in (False, True) if not logp else (False,):
-            yield AotCase(_ce_fwd_kernel, p, dict(flags, WRITE_GRAD=write), lm_warps, floats)
-        for tgrad in (False, True) if prob else (False,):
-            yield AotCase(_ce_bwd_kernel, p, dict(flags, WRITE_TGRAD=tgrad), lm_warps, floats)
-    plain = dict(HAS_WEIGHT=False, PROB_TARGET=False, LOGP_INPUT=False,
-                 HAS_SMOOTHING=False, HAS_Z=False, HAS_SOFTCAP=False)  # fmt: skip
-    for dtype, name in TL_NAMES.items():
-        acc = tl.float64 if name == "fp64" else tl.float32
-        p = ptrs(name, "i64")
-        p.update(loss_ptr="fp64", lse_ptr="fp64") if name == "fp64" else None
-        for block_r, block_c, warps in sorted({c[:3] for c in reachable_configs(getattr(torch, dtype).itemsize)}):
-            flags = dict(plain, BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc)
-            yield AotCase(_ce_fwd_kernel, p, dict(flags, WRITE_GRAD=True), warps, floats)
-            yield AotCase(_ce_bwd_kernel, p, dict(flags, WRITE_TGRAD=False), warps, floats)
-    for dtype in ("bf16", "fp32"):
-        yield AotCase(_scale_kernel, dict(g_ptr=dtype, factor_ptr="fp32"), dict(BLOCK=_SCALE_BLOCK), 8)
+def _op_scalars(spec: CESpec) -> tuple:
+    """``CESpec``'s scalar options as the custom ops take them (softcap 0.0 means none)."""
+    softcap = 0.0 if spec.softcap is None else spec.softcap
+    return spec.ignore_index, spec.smoothing, spec.z_loss, softcap, spec.prob_target, spec.logp_input
+
+
+@torch.library.custom_op("triton_losses::ce_fwd", mutates_args=())
+def ce_fwd_op(
+    x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None, wsum: torch.Tensor | None,
+    coef: torch.Tensor | None, ignore_index: int, smoothing: float, z_loss: float, softcap: float,
+    prob: bool, logp: bool, want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(loss, stats, grad)`` of :func:`ce_fwd`; ``grad`` is empty unless ``want_grad``; ``softcap <= 0``: none."""
+    spec = _op_spec(weight, wsum, ignore_index, smoothing, z_loss, softcap, prob, logp)
+    grad = torch.empty(x.shape if want_grad else (0,), dtype=x.dtype, device=x.device)
+    loss, stats = ce_fwd(x, t, spec, coef, grad if want_grad else None)
+    return loss, stats, grad
+
+
+@ce_fwd_op.register_fake
+def _(x, t, weight, wsum, coef, ignore_index, smoothing, z_loss, softcap, prob, logp, want_grad):
+    R = x.shape[0] * x.shape[2]
+    acc = acc_dtype(x.dtype)
+    return x.new_empty(R, dtype=acc), x.new_empty(R, 2, dtype=acc), x.new_empty(x.shape if want_grad else (0,))
+
+
+@torch.library.custom_op("triton_losses::ce_bwd", mutates_args=())
+def ce_bwd_op(
+    x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None, wsum: torch.Tensor | None,
+    stats: torch.Tensor, gout: torch.Tensor, coef: torch.Tensor | None, ignore_index: int, smoothing: float,
+    z_loss: float, softcap: float, prob: bool, logp: bool, want_tgrad: bool, class_offset: int = 0,
+    num_classes: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dlogits, dtarget)`` of :func:`ce_bwd`; ``dtarget`` is empty unless ``want_tgrad``."""
+    spec = _op_spec(weight, wsum, ignore_index, smoothing, z_loss, softcap, prob, logp)
+    spec = spec._replace(class_offset=class_offset, num_classes=num_classes)
+    tgrad = torch.empty(t.shape if want_tgrad else (0,), dtype=t.dtype, device=t.device)
+    grad, _ = ce_bwd(x, t, spec, stats, gout, coef, None, tgrad if want_tgrad else None)
+    return grad, tgrad
+
+
+@ce_bwd_op.register_fake
+def _(
+    x, t, weight, wsum, stats, gout, coef, ignore_index, smoothing, z_loss, softcap, prob, logp, want_tgrad, c0=0, nc=0
+):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), t.new_empty(t.shape if want_tgrad else (0,))
+
+
+def _traced_ce_fwd(x, t, spec: CESpec, coef, grad=None):
+    """:func:`ce_fwd` through ``triton_losses::ce_fwd`` (a given ``grad`` buffer receives a copy)."""
+    loss, stats, g = ce_fwd_op(x, t, spec.weight, spec.weight_sum, coef, *_op_scalars(spec), grad is not None)
+    if grad is not None:
+        grad.copy_(g)
+    return loss, stats
+
+
+def _traced_ce_bwd(x, t, spec: CESpec, stats, gout, coef, grad=None, tgrad=None):
+    """:func:`ce_bwd` through ``triton_losses::ce_bwd`` (given buffers receive copies)."""
+    g, dt = ce_bwd_op(x, t, spec.weight, spec.weight_sum, stats, gout, coef, *_op_scalars(spec), tgrad is not None,
+                      spec.class_offset, spec.num_classes)  # fmt: skip
+    if grad is not None:
+        g = grad.copy_(g)
+    if tgrad is not None:
+        dt = tgrad.copy_(dt)
+    return g, (dt if tgrad is not None else None)
+
+
+@torch.library.custom_op("triton_losses::ce_partial", mutates_args=())
+def ce_partial_op(
+    x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None, smoothing: float, softcap: float, prob: bool,
+    class_offset: int,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`ce_partial`'s ``(R, 6)`` partial sums; ``softcap <= 0``: none."""
+    spec = _op_spec(weight, None, -100, smoothing, 0.0, softcap, prob, False)
+    return ce_partial(x, t, spec._replace(class_offset=class_offset))
+
+
+@ce_partial_op.register_fake
+def _(x, t, weight, smoothing, softcap, prob, class_offset):
+    return x.new_empty(x.shape[0] * x.shape[2], 6, dtype=acc_dtype(x.dtype))
+
+
+def _traced_ce_partial(x, t, spec: CESpec):
+    """:func:`ce_partial` through ``triton_losses::ce_partial``."""
+    softcap = 0.0 if spec.softcap is None else spec.softcap
+    return ce_partial_op(x, t, spec.weight, spec.smoothing, softcap, spec.prob_target, spec.class_offset)
+
+
+def _traced_scale_(g: torch.Tensor, factor: torch.Tensor) -> None:
+    """``g *= factor`` as a plain torch op (the compiler fuses it)."""
+    g.mul_(factor.reshape(()).to(g.dtype))
+
+
+# Under tracing the per-call epilogues are plain torch ops, which the compiler fuses; the row
+# kernels are opaque custom ops. The forward never fuses the gradient there (functional ops).
+TRACED = types.SimpleNamespace(
+    FUSES_GRAD=False,
+    ce_fwd=_traced_ce_fwd,
+    ce_bwd=_traced_ce_bwd,
+    ce_partial=_traced_ce_partial,
+    ce_norm=_reference.ce_norm,
+    ce_finish=_reference.ce_finish,
+    scale_=_traced_scale_,
+)

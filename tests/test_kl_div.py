@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -12,7 +13,8 @@ from torch import nn
 import triton_losses as tl_
 from tests.fp64_checks import check_against_fp64
 from tests.helpers import same_error
-from triton_losses.reference import binary as binary_ref
+from tests.op_counts import HOST_SYNCS, count_ops
+from triton_losses.reference import _chunks
 
 REDUCTIONS = ["none", "mean", "sum", "batchmean"]
 # (input shape, target shape): equal shapes, 0-d, 1-D, broadcasting of either operand, empty.
@@ -49,10 +51,7 @@ def _quiet(fn):
     return run
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("log_target", [False, True])
-@pytest.mark.parametrize("shapes", SHAPES, ids=str)
-def test_kl_div_matches_fp64(backend, device, shapes, log_target, reduction, dtype=torch.float64):
+def check_kl_div_matches_fp64(backend, device, shapes, log_target, reduction, dtype=torch.float64):
     tensors = _kl_tensors(*shapes, log_target, device)
     out, _ = check_against_fp64(
         _quiet(lambda **kw: tl_.kl_div(**kw, reduction=reduction, log_target=log_target)),
@@ -64,10 +63,17 @@ def test_kl_div_matches_fp64(backend, device, shapes, log_target, reduction, dty
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("shapes", SHAPES, ids=str)
+def test_kl_div_matches_fp64(backend, device, shapes, log_target, reduction):
+    check_kl_div_matches_fp64(backend, device, shapes, log_target, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shapes", [SHAPES[3], SHAPES[7], SHAPES[8]], ids=str)
 def test_kl_div_fp32_within_budget(backend, device, shapes, reduction):
     for log_target in (False, True):
-        test_kl_div_matches_fp64(backend, device, shapes, log_target, reduction, torch.float32)
+        check_kl_div_matches_fp64(backend, device, shapes, log_target, reduction, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -76,10 +82,10 @@ def test_kl_div_reference_many_chunks(backend, device, shapes, dtype, monkeypatc
     """The CPU reference with tiny chunks: many chunks per call, broadcast operands, chunks of chunks."""
     if backend != "torch":
         pytest.skip("the chunking is the reference's")
-    monkeypatch.setattr(binary_ref, "CHUNK_ELEMS", 7)
+    monkeypatch.setattr(_chunks, "CHUNK_ELEMS", 7)
     for reduction in REDUCTIONS:
         for log_target in (False, True):
-            test_kl_div_matches_fp64(backend, device, shapes, log_target, reduction, dtype)
+            check_kl_div_matches_fp64(backend, device, shapes, log_target, reduction, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -220,3 +226,128 @@ def test_kl_div_module_matches_torch(backend, device):
         torch.testing.assert_close(a, b)
         up = torch.randn_like(b)
         torch.testing.assert_close(torch.autograd.grad(a, x, up)[0], torch.autograd.grad(b, x, up)[0])
+
+
+def test_log_target_must_be_a_bool_as_in_torch(backend, device):
+    x, t = torch.randn(3, 4, device=device).log_softmax(1), torch.rand(3, 4, device=device)
+    for bad in (1, 0, None, torch.tensor(True)):
+        same_error(F.kl_div, tl_.kl_div, x, t, reduction="sum", log_target=bad)
+
+
+@pytest.mark.parametrize("case", ["input", "target"])
+def test_python_lists_raise_torchs_error(backend, device, case):
+    t = torch.rand(3, device=device)
+    args = ([0.5, 0.5, 0.5], t) if case == "input" else (t, [0.5, 0.5, 0.5])
+    same_error(F.kl_div, tl_.kl_div, *args, reduction="sum")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("log_target", [False, True])
+def test_double_backward_matches_torch(backend, device, reduction, log_target):
+    d = torch.float64
+    x = torch.randn(3, 4, dtype=d, device=device).log_softmax(1).requires_grad_()
+    t = (torch.randn(1, 4, dtype=d, device=device) - 1.0) if log_target else torch.rand(1, 4, dtype=d, device=device)
+    t.requires_grad_()  # broadcast along dim 0: its gradients are summed back
+    up = torch.randn(3, 4, dtype=d, device=device)
+
+    def second(fn):
+        def loss(a, b):
+            out = fn(a, b, reduction=reduction, log_target=log_target)
+            return (out * up).sum() if reduction == "none" else out
+
+        gx, gt = torch.autograd.grad(_quiet(loss)(a=x, b=t), (x, t), create_graph=True)
+        return torch.autograd.grad((gx * up).sum() + (gt * up[:1]).sum(), (x, t))
+
+    for a, b in zip(second(tl_.kl_div), second(F.kl_div)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradgradcheck_fp64(backend, device):
+    x = torch.randn(2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    t = (torch.rand(2, 3, dtype=torch.float64, device=device) + 0.1).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a, b: tl_.kl_div(a, b, reduction="batchmean"), (x, t))
+    assert torch.autograd.gradgradcheck(lambda a, b: tl_.kl_div(a, b, reduction="none", log_target=True), (x, t))
+
+
+def test_sliced_and_stride0_operands_are_read_in_place(backend, device):
+    x = torch.randn(4, 10, dtype=torch.float64, device=device).log_softmax(1)[:, ::2]
+    targets = [
+        torch.rand(1, 5, dtype=torch.float64, device=device).expand(4, 5),
+        torch.rand(5, 4, dtype=torch.float64, device=device).t(),
+        torch.rand(4, 1, dtype=torch.float64, device=device).expand(4, 5),
+    ]
+    for t in targets:
+        for reduction in ("none", "sum", "batchmean"):
+            ours = tl_.kl_div(x, t, reduction=reduction)
+            torch.testing.assert_close(ours, F.kl_div(x.contiguous(), t.contiguous(), reduction=reduction))
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_cpu_autocast_follows_torchs_policy(backend, device, autocast_dtype, dtype):
+    """kl_div is an fp32 op of torch's CPU autocast: fp16 / bf16 in, fp32 out; fp64 untouched."""
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    x = torch.randn(4, 6, dtype=dtype, requires_grad=True)
+    t = torch.rand(4, 6, dtype=dtype)
+    for reduction in ("sum", "none", "batchmean"):
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            ours, ref = tl_.kl_div(x, t, reduction=reduction), F.kl_div(x, t, reduction=reduction)
+        assert ours.dtype == ref.dtype
+        torch.testing.assert_close(ours, ref)
+        up = torch.randn_like(ref)
+        g_ours, g_ref = torch.autograd.grad(ours, x, up)[0], torch.autograd.grad(ref, x, up)[0]
+        assert g_ours.dtype == g_ref.dtype == dtype
+        torch.testing.assert_close(g_ours, g_ref)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("reduction", ["mean", "batchmean"])
+def test_reduced_kl_is_at_most_three_device_ops(device, reduction, monkeypatch):
+    """One launch (partial sums already divided by numel / the batch size), one sum, one cast; no host sync."""
+    from triton_losses.kernels import kl_div as k_kl
+
+    monkeypatch.setenv("TRITON_LOSSES_BACKEND", "triton")
+    x = torch.randn(8, 50, dtype=torch.bfloat16, device=device).log_softmax(1)
+    t = torch.rand(8, 50, dtype=torch.bfloat16, device=device)
+    out = []
+    ops, launches = count_ops(
+        _quiet(lambda: out.append(tl_.kl_div(x, t, reduction=reduction))), [(k_kl, "launch_forward")], monkeypatch
+    )
+    assert launches["launch_forward"] == 1 and len(ops) + 1 <= 3 and not HOST_SYNCS & set(ops), ops
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = F.kl_div(x.double(), t.double(), reduction=reduction)
+    torch.testing.assert_close(out[0].double(), ref, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.interpreter
+def test_custom_ops_pass_opcheck(device):
+    pytest.importorskip("triton")
+    from triton_losses.kernels import kl_div as k_kl
+
+    x, y = torch.randn(3, 4, device=device), torch.rand(3, 4, device=device)
+    g = torch.ones((), device=device).expand(3, 4)
+    torch.library.opcheck(k_kl._kl_fwd_op, (x, y, False, False, 1))
+    torch.library.opcheck(k_kl._kl_fwd_op, (x, y, True, True, 3))
+    torch.library.opcheck(k_kl._kl_bwd_op, (x, y, True, g, True, False))
+    torch.library.opcheck(k_kl._kl_bwd_op, (x, y, False, torch.randn(3, 4, device=device), True, True))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+def test_fullgraph_compile_matches_eager(backend, device):
+    torch._dynamo.reset()
+    lp = torch.randn(4, 5, device=device).log_softmax(1).requires_grad_()
+    t = torch.rand(4, 5, device=device, requires_grad=True)
+
+    def losses(m, lp, t):
+        return m.kl_div(lp[:1], t, reduction="batchmean") + m.kl_div(lp, lp.detach(), reduction="sum", log_target=True)
+
+    compiled = torch.compile(
+        functools.partial(losses, tl_), fullgraph=True, backend="aot_eager" if backend == "triton" else "inductor"
+    )
+    out, ref = compiled(lp, t), losses(F, lp, t)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(torch.autograd.grad(out, (lp, t)), torch.autograd.grad(ref, (lp, t))):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 import triton_losses as tl_
 from tests.fp64_checks import check_against_fp64
 from tests.helpers import budget_close, same_error
-from triton_losses.reference import binary as binary_ref
+from triton_losses.reference import _chunks
 
 REDUCTIONS = ["none", "mean", "sum"]
 # (input shape, weight shape, pos_weight shape): broadcasts along every axis, a layout that
@@ -42,10 +43,7 @@ def _bcewl_tensors(shape, w_shape, pw_shape, opt, device):
     }
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("opt", OPTIONS)
-@pytest.mark.parametrize("shapes", BROADCASTS, ids=str)
-def test_bce_with_logits_matches_fp64(backend, device, shapes, opt, reduction, dtype=torch.float64):
+def check_bce_with_logits_matches_fp64(backend, device, shapes, opt, reduction, dtype=torch.float64):
     tensors = _bcewl_tensors(*shapes, opt, device)
     out, _ = check_against_fp64(
         lambda **kw: tl_.binary_cross_entropy_with_logits(**kw, reduction=reduction),
@@ -56,9 +54,13 @@ def test_bce_with_logits_matches_fp64(backend, device, shapes, opt, reduction, d
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("opt", OPTIONS)
 @pytest.mark.parametrize("shapes", BROADCASTS, ids=str)
-def test_bce_matches_fp64(backend, device, shapes, weighted, reduction, dtype=torch.float64):
+def test_bce_with_logits_matches_fp64(backend, device, shapes, opt, reduction):
+    check_bce_with_logits_matches_fp64(backend, device, shapes, opt, reduction)
+
+
+def check_bce_matches_fp64(backend, device, shapes, weighted, reduction, dtype=torch.float64):
     shape, w_shape, _ = shapes
     tensors = {
         "input": torch.rand(shape, device=device) * 0.98 + 0.01,
@@ -74,11 +76,18 @@ def test_bce_matches_fp64(backend, device, shapes, weighted, reduction, dtype=to
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shapes", BROADCASTS, ids=str)
+def test_bce_matches_fp64(backend, device, shapes, weighted, reduction):
+    check_bce_matches_fp64(backend, device, shapes, weighted, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shapes", [BROADCASTS[2], BROADCASTS[7], BROADCASTS[8]], ids=str)
 def test_fp32_within_budget(backend, device, shapes, reduction):
     """fp32 inputs, fp32 accumulation: within twice torch's own fp32 error of the fp64 result."""
-    test_bce_with_logits_matches_fp64(backend, device, shapes, "both", reduction, torch.float32)
-    test_bce_matches_fp64(backend, device, shapes, True, reduction, torch.float32)
+    check_bce_with_logits_matches_fp64(backend, device, shapes, "both", reduction, torch.float32)
+    check_bce_matches_fp64(backend, device, shapes, True, reduction, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -88,11 +97,11 @@ def test_reference_many_chunks(backend, device, shapes, dtype, monkeypatch):
     is chunked again (computed into the output in place for fp32 / fp64, copied for bf16)."""
     if backend != "torch":
         pytest.skip("the chunking is the reference's")
-    monkeypatch.setattr(binary_ref, "CHUNK_ELEMS", 7)
+    monkeypatch.setattr(_chunks, "CHUNK_ELEMS", 7)
     for reduction in REDUCTIONS:
-        test_bce_with_logits_matches_fp64(backend, device, shapes, "both", reduction, dtype)
-        test_bce_with_logits_matches_fp64(backend, device, shapes, "plain", reduction, dtype)
-        test_bce_matches_fp64(backend, device, shapes, True, reduction, dtype)
+        check_bce_with_logits_matches_fp64(backend, device, shapes, "both", reduction, dtype)
+        check_bce_with_logits_matches_fp64(backend, device, shapes, "plain", reduction, dtype)
+        check_bce_matches_fp64(backend, device, shapes, True, reduction, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -337,7 +346,8 @@ def test_bce_with_logits_errors_match_torch(backend, device, case):
 
 
 @pytest.mark.parametrize("case", BCE_ERRORS)
-def test_bce_errors_match_torch(backend, device, case):
+def test_bce_errors_match_torch(backend, device, case, monkeypatch):
+    monkeypatch.setenv("TRITON_LOSSES_CHECK_TARGETS", "1")  # CUDA: the eager error (its default is a device assert)
     args, kw = BCE_ERRORS[case](device)
     same_error(F.binary_cross_entropy, tl_.binary_cross_entropy, *args, **kw)
 
@@ -375,3 +385,237 @@ def test_bce_with_logits_module_default_mean(backend, device):
     m = tl_.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0], device=device))
     x, t = torch.randn(3, 4, device=device), torch.rand(3, 4, device=device)
     budget_close(m(x, t), F.binary_cross_entropy_with_logits(x.double(), t.double(), pos_weight=m.pos_weight.double()))
+
+
+# ---- torch's exact gradient at the ends of [0, 1] in low precision ------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_low_precision_gradient_at_zero_and_one_is_torchs(backend, device, dtype, reduction):
+    """torch rounds its 1e-12 floor to the data dtype: fp16 gives 0, so inputs of exactly 0 or 1 get
+    +-inf (and NaN where input == target); bf16 gives 1.0018652574217413e-12 (gradients of +-9.9643e11)."""
+    x = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5, 1e-3, 0.999], dtype=dtype, device=device, requires_grad=True)
+    y = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3, 0.0, 1.0], dtype=dtype, device=device, requires_grad=True)
+    up = torch.ones(7, dtype=dtype, device=device) if reduction == "none" else None
+    ours = torch.autograd.grad(tl_.binary_cross_entropy(x, y, reduction=reduction), (x, y), up)
+    ref = torch.autograd.grad(F.binary_cross_entropy(x, y, reduction=reduction), (x, y), up)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.isnan(), b.isnan()), (a, b)
+        assert torch.equal(a[:4].nan_to_num(0.0), b[:4].nan_to_num(0.0)), (a, b)  # the ends: bitwise
+        budget_close(a[4:], b[4:].double(), b[4:])
+
+
+# ---- second derivatives -------------------------------------------------------------------------
+
+
+def _double_backward(fn, x, y, up):
+    """``d/d(x, y) sum(up * dloss/dx)``: the gradient's own gradient, through create_graph=True."""
+    (gx,) = torch.autograd.grad(fn(x, y), x, create_graph=True)
+    return torch.autograd.grad((gx * up).sum(), (x, y))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward_matches_torch(backend, device, reduction):
+    d = torch.float64
+    x = torch.randn(3, 4, dtype=d, device=device, requires_grad=True)
+    p = (torch.rand(3, 4, dtype=d, device=device) * 0.8 + 0.1).requires_grad_()
+    y = torch.rand(3, 4, dtype=d, device=device, requires_grad=True)
+    w, pw = torch.rand(4, dtype=d, device=device) + 0.2, torch.rand(3, 1, dtype=d, device=device) * 2
+    up = torch.randn(3, 4, dtype=d, device=device)
+    red = (lambda v: (v * up).sum()) if reduction == "none" else (lambda v: v)
+    cases = [
+        (tl_.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, x, {"weight": w, "pos_weight": pw}),
+        (tl_.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, x, {}),
+        (tl_.binary_cross_entropy, F.binary_cross_entropy, p, {"weight": w}),
+    ]
+    for ours_fn, torch_fn, inp, kw in cases:
+        ours = _double_backward(lambda a, b: red(ours_fn(a, b, reduction=reduction, **kw)), inp, y, up)  # noqa: B023
+        ref = _double_backward(lambda a, b: red(torch_fn(a, b, reduction=reduction, **kw)), inp, y, up)  # noqa: B023
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradgradcheck_fp64(backend, device):
+    d = torch.float64
+    x = torch.randn(2, 3, dtype=d, device=device, requires_grad=True)
+    p = (torch.rand(2, 3, dtype=d, device=device) * 0.8 + 0.1).requires_grad_()
+    y = torch.rand(2, 3, dtype=d, device=device, requires_grad=True)
+    w, pw = torch.rand(3, dtype=d, device=device) + 0.2, torch.rand(3, dtype=d, device=device) * 2
+    assert torch.autograd.gradgradcheck(
+        lambda a, b: tl_.binary_cross_entropy_with_logits(a, b, w, pos_weight=pw, reduction="none"), (x, y)
+    )
+    assert torch.autograd.gradgradcheck(lambda a, b: tl_.binary_cross_entropy(a, b, w, reduction="mean"), (p, y))
+
+
+# ---- strided and stride-0 weights, non-tensor inputs ------------------------------------------
+
+
+def test_sliced_and_stride0_weights_are_read_in_place(backend, device):
+    """Every pointer argument honours its strides: a sliced weight, a stride-0 (expanded) weight and
+    pos_weight, a transposed pos_weight, against contiguous copies and torch in fp64."""
+    x = torch.randn(4, 5, dtype=torch.float64, device=device)
+    p = torch.rand(4, 5, dtype=torch.float64, device=device) * 0.9 + 0.05
+    t = torch.rand(4, 5, dtype=torch.float64, device=device)
+    weights = [
+        torch.rand(10, dtype=torch.float64, device=device)[::2],  # stride 2
+        torch.rand(1, dtype=torch.float64, device=device).expand(5),  # stride 0
+        torch.rand(5, 4, dtype=torch.float64, device=device).t(),  # (4, 5), transposed
+        torch.rand(4, 1, dtype=torch.float64, device=device).expand(4, 5),  # stride 0 along the last dim
+    ]
+    pos_weights = [weights[2], weights[0], weights[1], torch.rand(4, 10, dtype=torch.float64, device=device)[:, 1::2]]
+    for w, pw in zip(weights, pos_weights):
+        for reduction in REDUCTIONS:
+            for ours, ref in (
+                (lambda w, pw: tl_.binary_cross_entropy_with_logits(x, t, w, pos_weight=pw, reduction=reduction),  # noqa: B023
+                 lambda w, pw: F.binary_cross_entropy_with_logits(x, t, w, pos_weight=pw, reduction=reduction)),  # noqa: B023
+                (lambda w, pw: tl_.binary_cross_entropy(p, t, w, reduction=reduction),  # noqa: B023
+                 lambda w, pw: F.binary_cross_entropy(p, t, w, reduction=reduction)),  # noqa: B023
+            ):  # fmt: skip
+                torch.testing.assert_close(ours(w, pw), ref(w.contiguous(), pw.contiguous()), rtol=1e-12, atol=1e-12)
+    xg = x.clone().requires_grad_()
+    tg = t.clone().requires_grad_()
+    w, pw = weights[1], pos_weights[3]
+    got = torch.autograd.grad(tl_.binary_cross_entropy_with_logits(xg, tg, w, pos_weight=pw), (xg, tg))
+    want = torch.autograd.grad(F.binary_cross_entropy_with_logits(xg, tg, w, pos_weight=pw), (xg, tg))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+LIST_INPUTS = {
+    "bce-input": (F.binary_cross_entropy, tl_.binary_cross_entropy, lambda t: ([0.5, 0.5, 0.5], t), {}),
+    "bce-target": (F.binary_cross_entropy, tl_.binary_cross_entropy, lambda t: (t, [0.5, 0.5, 0.5]), {}),
+    "bce-weight": (F.binary_cross_entropy, tl_.binary_cross_entropy, lambda t: (t, t, [1.0, 1.0, 1.0]), {}),
+    "bcewl-input": (F.binary_cross_entropy_with_logits, tl_.binary_cross_entropy_with_logits,
+                    lambda t: ([0.5, 0.5, 0.5], t), {}),
+    "bcewl-target": (F.binary_cross_entropy_with_logits, tl_.binary_cross_entropy_with_logits,
+                     lambda t: (t, [0.5, 0.5, 0.5]), {}),
+    "bcewl-pos-weight": (F.binary_cross_entropy_with_logits, tl_.binary_cross_entropy_with_logits,
+                         lambda t: (t, t), {"pos_weight": [1.0, 2.0, 3.0]}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LIST_INPUTS)
+def test_python_lists_raise_torchs_error(backend, device, case):
+    torch_fn, ours_fn, make, kw = LIST_INPUTS[case]
+    same_error(torch_fn, ours_fn, *make(torch.rand(3, device=device)), **kw)
+
+
+# ---- autocast -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_cpu_autocast_follows_torchs_policy(backend, device, autocast_dtype, dtype):
+    """torch's CPU autocast lists both BCE losses as fp32 ops: fp16 / bf16 operands (weights too) are
+    computed and returned in fp32, fp64 is left alone; the gradient comes back in the input's dtype."""
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    x = torch.randn(6, 5, dtype=dtype, requires_grad=True)
+    p = (torch.rand(6, 5, dtype=dtype) * 0.9 + 0.05).requires_grad_()
+    t = torch.rand(6, 5, dtype=dtype)
+    w, pw = torch.rand(5, dtype=torch.bfloat16) + 0.5, torch.rand(5, dtype=torch.float16) * 2
+    if dtype == torch.float64:
+        w, pw = w.double(), pw.double()
+    calls = [
+        (lambda m: m.binary_cross_entropy_with_logits(x, t, weight=w, pos_weight=pw), x),
+        (lambda m: m.binary_cross_entropy(p, t, weight=w, reduction="sum"), p),
+    ]
+    for call, inp in calls:
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            ours, ref = call(tl_), call(F)
+        assert ours.dtype == ref.dtype, (ours.dtype, ref.dtype)
+        torch.testing.assert_close(ours, ref)
+        g_ours, g_ref = torch.autograd.grad(ours, inp), torch.autograd.grad(ref, inp)
+        assert g_ours[0].dtype == g_ref[0].dtype == dtype
+        torch.testing.assert_close(g_ours[0], g_ref[0])
+
+
+# ---- what a call runs on the device --------------------------------------------------------------
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_mean_is_at_most_three_device_ops(device, dtype, monkeypatch):
+    """binary_cross_entropy_with_logits 'mean' on the Triton path: one launch (partial sums already
+    divided by the element count), one sum, one cast (none for fp32); no host sync; and the backward
+    loads the one-value upstream gradient once per program (G_SCALAR)."""
+    from tests.op_counts import HOST_SYNCS, count_ops
+    from triton_losses.kernels import bce as k_bce
+
+    monkeypatch.setenv("TRITON_LOSSES_BACKEND", "triton")
+    x = torch.randn(64, 33, dtype=dtype, device=device, requires_grad=True)
+    t = torch.rand(64, 33, dtype=dtype, device=device)
+    out = []
+    ops, launches = count_ops(lambda: out.append(tl_.binary_cross_entropy_with_logits(x, t)),
+                              [(k_bce, "launch_forward")], monkeypatch)  # fmt: skip
+    assert launches["launch_forward"] == 1 and len(ops) + 1 <= 3 and not HOST_SYNCS & set(ops), ops
+    budget_close(out[0], F.binary_cross_entropy_with_logits(x.double(), t.double()))
+    seen = []
+    original = k_bce.launch_backward
+    monkeypatch.setattr(k_bce, "launch_backward", lambda *a, **kw: seen.append(kw["G_SCALAR"]) or original(*a, **kw))
+    (g_mean,) = torch.autograd.grad(out[0], x)
+    loss_none = tl_.binary_cross_entropy_with_logits(x, t, reduction="none")
+    (g_none,) = torch.autograd.grad(loss_none, x, torch.full_like(loss_none, 1.0 / x.numel()))
+    assert seen == [True, False]
+    torch.testing.assert_close(g_mean, g_none)
+
+
+def test_range_check_is_eager_on_cpu_and_opt_in_on_cuda(backend, device, monkeypatch):
+    """CPU tensors: torch's CPU error (a host read). CUDA: none by default (the kernel asserts on the
+    device, as torch's CUDA kernel does); ``TRITON_LOSSES_CHECK_TARGETS=1`` turns the eager error on."""
+    from tests.op_counts import HOST_SYNCS, count_ops
+    from triton_losses import _checks
+
+    monkeypatch.delenv("TRITON_LOSSES_CHECK_TARGETS", raising=False)
+    assert _checks.eager_checks(torch.device("cpu"))
+    assert not _checks.eager_checks(torch.device("cuda"))
+    monkeypatch.setenv("TRITON_LOSSES_CHECK_TARGETS", "1")
+    assert _checks.eager_checks(torch.device("cuda"))
+    monkeypatch.delenv("TRITON_LOSSES_CHECK_TARGETS")
+    p, t = torch.rand(4, 5, device=device) * 0.9 + 0.05, torch.rand(4, 5, device=device)
+    ops, _ = count_ops(lambda: tl_.binary_cross_entropy(p, t), [], monkeypatch)
+    assert bool(HOST_SYNCS & set(ops)) == (device == "cpu"), ops
+    import triton_losses.bce as bce_module
+
+    monkeypatch.setattr(bce_module, "eager_checks", lambda dev: False)  # as on CUDA by default
+    ops, _ = count_ops(lambda: tl_.binary_cross_entropy(p, t), [], monkeypatch)
+    assert not HOST_SYNCS & set(ops), ops
+
+
+# ---- custom ops, torch.compile ---------------------------------------------------------------------
+
+
+@pytest.mark.interpreter
+def test_custom_ops_pass_opcheck(device):
+    pytest.importorskip("triton")
+    from triton_losses.kernels import bce as k_bce
+
+    x, y = torch.randn(3, 4, device=device), torch.rand(3, 4, device=device)
+    w, pw = torch.rand(4, device=device).expand(3, 4), torch.rand(3, 1, device=device).expand(3, 4)
+    g = torch.ones((), device=device).expand(3, 4)
+    torch.library.opcheck(k_bce._bce_fwd_op, (x, y, w, pw, True, True, 12))
+    torch.library.opcheck(k_bce._bce_fwd_op, (x.sigmoid(), y, None, None, False, False, 1))
+    torch.library.opcheck(k_bce._bce_bwd_op, (x, y, w, pw, True, g, 1e-12, True, True))
+    torch.library.opcheck(k_bce._bce_bwd_op, (x.sigmoid(), y, w, None, False, g, 1e-12, False, True))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+def test_fullgraph_compile_matches_eager(backend, device):
+    torch._dynamo.reset()
+    x = torch.randn(4, 5, device=device, requires_grad=True)
+    p = (torch.rand(4, 5, device=device) * 0.9 + 0.05).requires_grad_()
+    t = torch.rand(4, 5, device=device)
+
+    def losses(m, x, p, t):
+        a = m.binary_cross_entropy_with_logits(x, t, weight=t[0], pos_weight=torch.full_like(t[0], 2.0))
+        return a + m.binary_cross_entropy(p, t, reduction="none").sum()
+
+    compiled = torch.compile(functools.partial(losses, tl_), fullgraph=True,
+                             backend="aot_eager" if backend == "triton" else "inductor")  # fmt: skip
+    out = compiled(x, p, t)
+    ref = losses(F, x, p, t)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(torch.autograd.grad(out, (x, p)), torch.autograd.grad(ref, (x, p))):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)

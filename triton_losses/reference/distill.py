@@ -1,10 +1,10 @@
-"""Pure-PyTorch KL divergence and generalised JSD with the kernels' interface: the CPU fallback.
+"""Pure-PyTorch distillation losses (``jsd``, ``kl_div_with_logits``) with the kernels' interface.
 
-Same formulas as ``kernels.divergence`` (see its docstring), in fp32 (fp64 for fp64 data). The
-elementwise KL works over chunks (see ``binary``); the row-wise JSD over blocks of rows of the
-``(A, B, V)`` view, so no full-size fp32 intermediate is held. As the kernels do, the JSD forward
-also writes the gradients of the reduced loss when asked (``FUSES_GRAD``): its terms are the
-gradient, so the backward then only rescales them.
+The CPU fallback of ``kernels.distill``: the same formulas (see its docstring), in fp32 (fp64 for
+fp64 data), over blocks of rows of the ``(A, B, V)`` views, so no full-size fp32 intermediate is
+held. As the kernels do, the forwards also write the gradients of the reduced loss when asked
+(``FUSES_GRAD``): the JSD's terms are its gradient, and the distillation KL's gradients need the
+same softmaxes, so the backward then only rescales them (``scale_``).
 
 Row losses without masks. A term weighted by a probability that is exactly 0 is 0; the kernels
 use ``torch.where`` for that, which on a CPU costs ten times an ``add``. Row blocks are first
@@ -14,6 +14,15 @@ so such a term is already 0 * finite = 0 and the result is exact. Rows that are 
 (ZEROED: exact when, also, no input is NaN / +inf, checked through finite row sums), and any
 still not finite with the masks (MASKED), which is also what ``torch.compile`` traces. The
 checks cost one host read per call (more only when a row needs another tier).
+
+Distillation KL: each row is shifted by its maximum (0 if that is not finite) before the division
+by ``T``, so a large common offset costs no precision and ``exp`` cannot overflow. With ``z`` the
+shifted rows, ``e = exp(z)``, ``Z = sum(e)`` and ``lse = log Z``, the passes over a block are kept
+few by leaving the normalisations to per-row factors::
+
+    loss = sum(e_t * (z_t - z_s)) / Z_t + lse_s - lse_t
+    d/dz_s = (q - p) = (e_s - e_t * Z_s / Z_t) / Z_s
+    d/dz_t = p * (log p - log q - loss) = (z_t - z_s - (loss - lse_s + lse_t)) * e_t / Z_t
 """
 
 from __future__ import annotations
@@ -22,59 +31,24 @@ import math
 
 import torch
 
-from .._checks import compiling
-from .binary import CHUNK_ELEMS, acc_dtype, chunks, direct, elementwise_forward, negated, part, store
+from .._precision import acc_dtype
+from . import _chunks
+from ._chunks import direct, part, store
 from .cross_entropy import scale_  # noqa: F401  (the fused-gradient rescale, shared with cross-entropy)
 
-FUSES_GRAD = True  # jsd_fwd(..., need_gx / need_gy) writes the gradients of the reduced loss
+FUSES_GRAD = True  # jsd_fwd / kd_fwd(..., need_g*) write the gradients of the reduced loss
 JSD_MIXTURE, JSD_FORWARD_KL, JSD_REVERSE_KL = 0, 1, 2
 PLAIN, ZEROED, MASKED = 0, 1, 2  # how a row block is computed (see the module doc and run_row_blocks)
 # Row blocks of 512 KiB of fp32: a block's three or four temporaries still fit the 2 MiB L2, and
 # the per-block host-side work (a dozen small ops) is amortised over twice CHUNK_ELEMS.
-ROW_BLOCK_ELEMS = 2 * CHUNK_ELEMS
-# Below the log of the smallest positive fp64 (-745): log(0) = -inf raised to it makes 0 * log(0) = 0.
-_LOG_ZERO = -1000.0
+ROW_BLOCK_ELEMS = 2 * _chunks.CHUNK_ELEMS
 
 
-def kl_fwd(x: torch.Tensor, y: torch.Tensor, log_target: bool, reduce: bool):
-    """Partial sums (one per chunk) if ``reduce``, else the elementwise loss (``x``, ``y`` expanded)."""
-    acc = acc_dtype(x.dtype)
-
-    def loss_into(idx, dst):
-        xs, ys = x[idx].to(acc), y[idx].to(acc)
-        if log_target:  # exp(y) * (y - x)
-            return torch.sub(ys, xs, out=dst).mul_(torch.exp(ys))
-        # xlogy(y, y) - y * x, with xlogy as y * max(log(y), _LOG_ZERO): xlogy is not vectorised on a
-        # CPU (ten times a log). The floor changes only log(0) = -inf, so 0 * log(0) = 0 as in xlogy;
-        # a negative or NaN target still gives NaN, and the products are torch's, so are inf / NaN
-        # (not addcmul_, whose FMA differs where y * x overflows).
-        return torch.log(ys, out=dst).clamp_min_(_LOG_ZERO).mul_(ys).sub_(torch.mul(ys, xs))
-
-    return elementwise_forward(x, reduce, loss_into)
-
-
-def kl_bwd(x, y, log_target: bool, g: torch.Tensor, need_dx: bool, need_dy: bool):
-    """``(dx, dy)`` of ``sum(g * loss)`` at the broadcast shape (None where not needed)."""
-    acc = acc_dtype(x.dtype)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
-    dy = torch.empty(x.shape, dtype=y.dtype, device=x.device) if need_dy else None
-    neg_g = negated(g, acc)
-    for idx in chunks(x.shape):
-        xs, ys, gs = part(x, idx, acc), part(y, idx, acc), part(g, idx, acc)
-        ddx, ddy = direct(dx, idx, acc), direct(dy, idx, acc)
-        d_x = d_y = None
-        if log_target:  # dx = -g * e^y, dy = g * e^y * (y - x) + g * e^y
-            ge = torch.exp(ys).mul_(gs)
-            d_x = torch.neg(ge, out=ddx) if need_dx else None
-            d_y = torch.sub(ys, xs, out=ddy).mul_(ge).add_(ge) if need_dy else None
-        else:  # dx = -(g * y), dy = g * (log y + y / y) - g * x (NaN at y = 0, as torch's)
-            if need_dx:
-                d_x = torch.mul(ys, neg_g, out=ddx) if neg_g is not None else torch.mul(gs, ys, out=ddx).neg_()
-            if need_dy:
-                d_y = torch.log(ys, out=ddy).addcdiv_(ys, ys).mul_(gs).sub_(torch.mul(gs, xs))
-        store(dx, idx, d_x, ddx)
-        store(dy, idx, d_y, ddy)
-    return dx, dy
+def _tracing() -> bool:
+    """Dynamo tracing or CUDA-graph capture: no host reads, so every block takes the MASKED tier."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def row_blocks(A: int, B: int, V: int):
@@ -98,7 +72,7 @@ def run_row_blocks(A: int, B: int, V: int, acc: torch.dtype, device, block) -> N
     """
     check = torch.empty(A, B, dtype=acc, device=device)
     todo = list(row_blocks(A, B, V))
-    for tier in (MASKED,) if compiling() else (PLAIN, ZEROED, MASKED):
+    for tier in (MASKED,) if _tracing() else (PLAIN, ZEROED, MASKED):
         for blk in todo:
             block(blk, tier, check)
         if tier == MASKED:
@@ -237,3 +211,92 @@ def jsd_bwd(x, y, labels, beta: float, ignore_index: int, gscale, need_gx: bool,
     if need_gx or need_gy:
         _jsd_rows(x, y, labels, beta, ignore_index, None, gscale, gx, gy)
     return gx, gy
+
+
+def _shifted(x: torch.Tensor, inv_temp: float, acc) -> torch.Tensor:
+    """``(x - rowmax) * inv_temp`` in ``acc`` (a row whose max is not finite is shifted by 0)."""
+    shift = x.amax(-1, keepdim=True).to(acc).nan_to_num_(0.0, 0.0, 0.0)
+    z = torch.sub(x, shift)  # in acc: a lower-precision x is promoted within the op
+    return z.mul_(inv_temp) if inv_temp != 1.0 else z
+
+
+def _kd_masked(zs, zt, keep, need_ds: bool, need_dt: bool):
+    """MASKED tier: ``(loss, lse_s, lse_t, (ds, 1), (dt, 1))`` by the kernel's formulas, 0 on dropped rows."""
+    lse_s, lse_t = torch.logsumexp(zs, -1, keepdim=True), torch.logsumexp(zt, -1, keepdim=True)
+    log_q, log_p = zs - lse_s, zt - lse_t
+    p = torch.exp(log_p)
+    loss = zero_where(p == 0, p * (log_p - log_q)).sum(-1)
+    drop = None if keep is None else ~keep[..., None]
+    ds = zero_where(drop, torch.exp(log_q) - p) if need_ds else None
+    if need_dt:
+        dt = zero_where(p == 0, p * (log_p - log_q - loss[..., None]))
+        dt = zero_where(drop, dt)
+    return loss, lse_s[..., 0], lse_t[..., 0], (ds, 1.0), (dt if need_dt else None, 1.0)
+
+
+def _kd_terms(s, t, inv_temp: float, acc, tier: int, keep, need_ds: bool, need_dt: bool):
+    """``(loss, lse_s, lse_t, (ds, fs), (dt, ft))`` of one block: ``fs * ds`` is dloss/d(s / T) (likewise t).
+
+    PLAIN / ZEROED as in ``_jsd_terms``; here a finite loss also means finite
+    log-sum-exps (no NaN / +inf logit, not all -inf), which is what ZEROED needs.
+    """
+    zs, zt = _shifted(s, inv_temp, acc), _shifted(t, inv_temp, acc)
+    if tier == MASKED:
+        return _kd_masked(zs, zt, keep, need_ds, need_dt)
+    d = torch.sub(zt, zs)  # log p - log q - lse_s + lse_t
+    e_s, e_t = zs.exp_(), zt.exp_()
+    z_s, z_t = e_s.sum(-1), e_t.sum(-1)
+    lse_s, lse_t = torch.log(z_s), torch.log(z_t)
+    zeroed = nan_to_zero_ if tier == ZEROED else (lambda v: v)
+    terms = zeroed(torch.mul(d, e_t))  # Z_t * p * (log p - log q - lse_s + lse_t)
+    loss_shifted = terms.sum(-1).div_(z_t)  # loss - lse_s + lse_t
+    ds = e_s.addcmul_(e_t, (z_s / z_t)[..., None], value=-1.0) if need_ds else None
+    # Subtract before multiplying, as the kernel does: d and loss may be close (a large KL).
+    dt = zeroed(d.sub_(loss_shifted[..., None]).mul_(e_t)) if need_dt else None
+    return loss_shifted + (lse_s - lse_t), lse_s, lse_t, (ds, 1.0 / z_s), (dt, 1.0 / z_t)
+
+
+def _kd_rows(s, t, labels, inv_temp: float, ignore_index: int, stats, gscale, ds, dt) -> None:
+    """Fill ``stats`` ``(3, A, B)`` and write ``gscale_r * dloss_r`` into ``ds`` / ``dt`` (each if not None)."""
+    A, B, V = s.shape
+    acc = acc_dtype(s.dtype)
+    keep = kept(labels, ignore_index)
+    scale = None if ds is None and dt is None else row_scale(gscale, A, B, acc, keep) * inv_temp
+
+    def block(blk, tier: int, check: torch.Tensor) -> None:
+        kb = None if keep is None else keep[blk]
+        loss, lse_s, lse_t, (d_s, fs), (d_t, ft) = _kd_terms(
+            s[blk], t[blk], inv_temp, acc, tier, kb, ds is not None, dt is not None
+        )
+        check[blk] = loss
+        if stats is not None:
+            stats[0][blk], stats[1][blk], stats[2][blk] = loss, lse_s, lse_t
+        if scale is not None:
+            write_grad(ds, blk, d_s, scale[blk] * fs)
+            write_grad(dt, blk, d_t, scale[blk] * ft)
+
+    run_row_blocks(A, B, V, acc, s.device, block)
+    if stats is not None and keep is not None:
+        stats[0].masked_fill_(~keep, 0.0)
+
+
+def kd_fwd(s, t, labels, inv_temp: float, ignore_index: int, gscale, need_ds: bool, need_dt: bool):
+    """``(stats, ds, dt)``: stats ``(3, A * B)`` = (loss, lse of the max-shifted rows / T); gradients if asked."""
+    stats = torch.empty(3, *s.shape[:2], dtype=acc_dtype(s.dtype), device=s.device)
+    ds = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_ds else None
+    dt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_dt else None
+    _kd_rows(s, t, labels, inv_temp, ignore_index, stats, gscale, ds, dt)
+    return stats.reshape(3, -1), ds, dt
+
+
+def kd_bwd(s, t, labels, inv_temp: float, ignore_index: int, stats, gscale, need_ds: bool, need_dt: bool):
+    """Gradients ``(ds, dt)`` of ``sum_r gscale_r * loss_r``; ``gscale`` is ``(A * B,)`` or ``(1,)``.
+
+    ``stats`` is not read: the rows are recomputed exactly as the forward computes them (a
+    log-sum-exp is one sum per row), so a recomputed gradient is bitwise the fused one.
+    """
+    ds = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_ds else None
+    dt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_dt else None
+    if need_ds or need_dt:
+        _kd_rows(s, t, labels, inv_temp, ignore_index, None, gscale, ds, dt)
+    return ds, dt

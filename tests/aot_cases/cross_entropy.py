@@ -1,0 +1,106 @@
+"""AOT cases of ``kernels/cross_entropy.py``: every flag at the LM launch, every block configuration per dtype."""
+
+from __future__ import annotations
+
+from itertools import product
+from types import SimpleNamespace
+
+import triton.language as tl
+
+from triton_losses.kernels import cross_entropy as k
+from triton_losses.kernels._common import assert_options, launch_config
+
+from ._case import DTYPES, FLOAT_NAMES, KDIM_B, ODD_VOCAB, ROWS, VOCAB, case, reachable, strides
+
+FLAGS = ("HAS_WEIGHT", "PROB_TARGET", "LOGP_INPUT", "HAS_SMOOTHING", "HAS_Z", "HAS_SOFTCAP")
+# The compile options the row launchers add on CUDA (device-side target asserts kept).
+ROW_OPTIONS = assert_options(SimpleNamespace(is_cuda=True))
+
+
+def _ptrs(x: str, target: str) -> dict[str, str]:
+    acc = "fp64" if x == "fp64" else "fp32"
+    return dict(x_ptr=x, t_ptr=target, w_ptr="fp32", wsum_ptr=acc, loss_ptr=acc, stats_ptr=acc, g_ptr=x,
+                coef_ptr=acc, gout_ptr=acc, dt_ptr=target, out_ptr=acc, norm_ptr=acc, factor_ptr=acc)  # fmt: skip
+
+
+def _scalars(C: int, B: int = 1, prob: bool = False) -> dict:
+    """The launchers' scalar arguments for ``ROWS`` rows of length ``C`` (contiguous ``(A, C, B)`` logits)."""
+    s = dict(R=ROWS, C=C, B=B, ignore_index=-100, smoothing=0.1, z_loss=1e-4, softcap=30.0, s_gout=0, s_w=1,
+             c_off=0, NC=C, s_st=2)  # fmt: skip
+    s.update(**strides("x", C, B), **strides("g", C, B), **strides("d", C, B))
+    s.update(strides("t", C, B) if prob else dict(s_ta=B, s_tc=0, s_tb=1))
+    return s
+
+
+def _row_cases(x: str, C: int, B: int, config: tuple, flags: dict, launch: str, vector_io: bool, every_fwd=True):
+    """The backward and the forward of one launch: with and without the fused gradient and its scale
+    (``every_fwd``), or only the fused forward of 'mean'."""
+    block_r, block_c, warps = config
+    prob, logp = flags["PROB_TARGET"], flags["LOGP_INPUT"]
+    tile = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl.float64 if x == "fp64" else tl.float32)
+    common = dict(ptrs=_ptrs(x, x if prob else "i64"), scalars=_scalars(C, B, prob), num_warps=warps,
+                  options=ROW_OPTIONS, launch=launch)  # fmt: skip
+    fwds = ((True, True), (False, True), (True, False)) if every_fwd else ((True, True),)
+    for write, coef in fwds if not logp else ((False, True),):
+        io = (("load", "store") if write else ("load",)) if vector_io and not logp else ()
+        yield case(k._ce_fwd_kernel, constexprs=dict(flags, WRITE_GRAD=write, HAS_COEF=coef, **tile),
+                   vector_io=io, **common)  # fmt: skip
+    for tgrad in (False, True) if prob else (False,):
+        io = (("store",) if logp else ("load", "store")) if vector_io else ()
+        yield case(k._ce_bwd_kernel, constexprs=dict(flags, WRITE_TGRAD=tgrad, HAS_COEF=True, GIVEN_S1=False, **tile),
+                   vector_io=io, **common)  # fmt: skip
+
+
+def _reduction_cases(x: str):
+    """The single-program denominator and 'mean' / 'sum' kernels, and the in-place gradient scale."""
+    acc = tl.float64 if x == "fp64" else tl.float32
+    common = dict(ptrs=_ptrs(x, "i64"), scalars=dict(_scalars(VOCAB), n=ROWS * VOCAB), num_warps=4,
+                  launch=f"{ROWS}x{VOCAB}")  # fmt: skip
+    for weight, mean in product((False, True), repeat=2):
+        flags = dict(HAS_WEIGHT=weight, PROB_TARGET=False, MEAN=mean, BLOCK=k._NORM_BLOCK, ACC=acc)
+        yield case(k._ce_norm_kernel, constexprs=flags, **common)
+    for mean, nan in ((False, False), (True, False), (True, True)):
+        flags = dict(MEAN=mean, NAN_IF_ZERO=nan, BLOCK=k._FINISH_BLOCK, ACC=acc)
+        yield case(k._ce_finish_kernel, constexprs=flags, ptrs=dict(_ptrs(x, "i64"), out_ptr=x),
+                   **{k_: v for k_, v in common.items() if k_ != "ptrs"})  # fmt: skip
+    yield case(k._scale_kernel, constexprs=dict(BLOCK=k._SCALE_BLOCK, ACC=acc), vector_io=("load", "store"),
+               **dict(common, num_warps=8))  # fmt: skip
+
+
+def _parallel_cases(x: str):
+    """The vocabulary-parallel launches at the LM shape: the partial sums per flag set, the backward
+    reading the global ``sum_c w_c t_c`` from ``(R, 3)`` statistics."""
+    config = launch_config(VOCAB, 2, True)
+    block_r, block_c, warps = config
+    tile = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl.float64 if x == "fp64" else tl.float32)
+    for weight, prob, smoothing, cap in product((False, True), repeat=4):
+        flags = dict(HAS_WEIGHT=weight, PROB_TARGET=prob, HAS_SMOOTHING=smoothing, HAS_SOFTCAP=cap)
+        yield case(k._ce_partial_kernel, constexprs=dict(flags, **tile), ptrs=_ptrs(x, x if prob else "i64"),
+                   scalars=_scalars(VOCAB, 1, prob), num_warps=warps, launch=f"{ROWS}x{VOCAB}")  # fmt: skip
+    flags = dict(dict.fromkeys(FLAGS, False), PROB_TARGET=True, HAS_Z=True)
+    yield case(k._ce_bwd_kernel, constexprs=dict(flags, WRITE_TGRAD=True, HAS_COEF=True, GIVEN_S1=True, **tile),
+               ptrs=_ptrs(x, x), scalars=dict(_scalars(VOCAB, 1, True), s_st=3), num_warps=warps,
+               options=ROW_OPTIONS, launch=f"{ROWS}x{VOCAB}")  # fmt: skip
+
+
+def cases():
+    """The LM launch first (smoke), an unaligned vocabulary, every reachable block configuration, the reductions."""
+    lm = launch_config(VOCAB, 2, True)
+    for values in product((False, True), repeat=len(FLAGS)):
+        flags = dict(zip(FLAGS, values, strict=True))
+        if flags["LOGP_INPUT"] and (
+            flags["PROB_TARGET"] or flags["HAS_SMOOTHING"] or flags["HAS_Z"] or flags["HAS_SOFTCAP"]
+        ):
+            continue
+        yield from _row_cases("bf16", VOCAB, 1, lm, flags, f"{ROWS}x{VOCAB}", vector_io=True)
+    plain = dict.fromkeys(FLAGS, False)
+    # Rows of an odd length start unaligned: the runtime specialises without the divisibility hint and the
+    # loads cannot be 128-bit, so none are asked for.
+    yield from _row_cases("bf16", ODD_VOCAB, 1, launch_config(ODD_VOCAB, 2, True), plain, f"{ROWS}x{ODD_VOCAB}", False)
+    for name in FLOAT_NAMES.values():
+        for config, (C, contiguous) in sorted(reachable(launch_config, DTYPES[name].itemsize).items()):
+            B = 1 if contiguous else KDIM_B
+            yield from _row_cases(name, C, B, config, plain, f"C={C},B={B}", vector_io=False, every_fwd=False)
+    for name in ("bf16", "fp32", "fp64"):
+        yield from _reduction_cases(name)
+    yield from _parallel_cases("bf16")

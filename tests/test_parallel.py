@@ -1,0 +1,137 @@
+"""Vocabulary-parallel cross-entropy over torch.distributed: gloo on the CPU, one process per rank.
+
+Each test starts ``world`` subprocesses running ``tests/parallel_worker.py`` (a FileStore rendezvous
+in a temporary directory, 60 s collective timeouts, and a wall-clock limit on every process, so a
+hang fails instead of blocking). Each rank checks values, gradients and collective counts itself
+(see the worker); here every rank must exit 0 and report its cases.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from triton_losses._dispatch import triton_available
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _launch(world: int, suite: str, backend: str, tmp_path: Path, timeout: float = 120.0) -> list[str]:
+    """Run ``suite`` on ``world`` ranks; returns each rank's stdout (asserts every rank exited 0)."""
+    init = f"file://{tmp_path / 'rendezvous'}"
+    env = {**os.environ, "TRITON_LOSSES_BACKEND": backend, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if backend == "triton" and not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"  # before the child imports triton_losses
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "tests.parallel_worker", str(r), str(world), init, suite],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(world)
+    ]  # fmt: skip
+    results = []
+    try:
+        for p in procs:
+            results.append((p.communicate(timeout=timeout), p.returncode))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    failed = [f"rank {r} exited {code}:\n{err[-2500:]}" for r, ((_, err), code) in enumerate(results) if code != 0]
+    assert not failed, "\n".join(failed)
+    return [out for (out, _), _ in results]
+
+
+def _backends():
+    return ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+def _needs(backend: str) -> None:
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+
+
+# suite -> cases each rank must report (tests/parallel_worker.py).
+EXPECTED = {"cases": 10, "comm": 1, "dtensor": 8, "linear": 5}
+
+
+def _assert_done(outs: list[str], suites: str) -> None:
+    want = "ok " + " ".join(f"{name}:{EXPECTED[name]}" for name in suites.removeprefix("nccl:").split(","))
+    assert all(o.strip().splitlines()[-1] == want for o in outs), (want, outs)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_two_ranks(backend, tmp_path):
+    """Two ranks, uneven split, one spawn: every option of ``cross_entropy`` (fp32 / bf16 / fp64, values and
+    gradients against one process, collectives counted), DTensor inputs against ``loss_parallel()`` and a
+    ``ColwiseParallel`` lm_head, and ``linear_cross_entropy``."""
+    _needs(backend)
+    suites = "cases,comm,dtensor,linear"
+    _assert_done(_launch(2, suites, backend, tmp_path, timeout=240.0), suites)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", _backends())
+def test_four_ranks_with_an_empty_slice(backend, tmp_path):
+    """Four ranks, one of them holding no class at all (DTensor: torch.chunk's split of 13 classes)."""
+    _needs(backend)
+    suites = "cases,dtensor,linear"
+    _assert_done(_launch(4, suites, backend, tmp_path, timeout=400.0), suites)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_nccl_two_gpus(tmp_path):
+    """The index / probability cases and ``linear_cross_entropy`` with NCCL on two GPUs (kernels compiled)."""
+    suites = "nccl:cases,linear"
+    _assert_done(_launch(2, suites, "triton", tmp_path, timeout=300.0), suites)
+
+
+@pytest.mark.interpreter
+def test_opcheck_parallel_custom_ops():
+    """``triton_losses::ce_partial`` and the slice-aware ``triton_losses::ce_bwd`` pass ``torch.library.opcheck``."""
+    _needs("triton")
+    from triton_losses.kernels import cross_entropy as k
+
+    x = torch.randn(3, 5, 1)
+    t = torch.tensor([[1], [7], [-100]])
+    w = torch.rand(9) + 0.5
+    torch.library.opcheck(k.ce_partial_op, (x, t, w, 0.1, 3.0, False, 4))
+    p = torch.softmax(torch.randn(3, 5, 1), 1)
+    torch.library.opcheck(k.ce_partial_op, (p.log(), p, None, 0.0, 0.0, True, 2))
+    stats = torch.stack([x.amax((1, 2)) + 1.0, torch.full((3,), 4.0), torch.ones(3)], 1)
+    gout = torch.randn(3)
+    wsum = w.sum().reshape(1)
+    args = (x, t, w, wsum, stats, gout, None, -100, 0.1, 1e-3, 3.0, False, False, False, 4, 9)
+    torch.library.opcheck(k.ce_bwd_op, args)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_partial_sums_of_a_slice(backend):
+    """``ce_partial``'s columns on a slice, against plain torch on the same slice (both engines)."""
+    _needs(backend)
+    from triton_losses import _dispatch
+    from triton_losses.options import CESpec
+
+    eng = _dispatch._KERNELS["cross_entropy"] if backend == "triton" else _dispatch._REFERENCE["cross_entropy"]
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(6, 11, generator=g) * 3
+    w = torch.rand(11, generator=g) + 0.5
+    t = torch.tensor([0, 4, 5, 8, -100, 10])
+    lo, hi = 4, 9
+    x = full[:, lo:hi]
+    spec = CESpec(w, None, smoothing=0.1, softcap=5.0, class_offset=lo, num_classes=11)
+    part = eng.ce_partial(x.unsqueeze(-1), t.view(6, 1), spec)
+    xs = 5.0 * torch.tanh(x.double() / 5.0)
+    m = xs.amax(1)
+    hit = (t >= lo) & (t < hi)
+    x_t = torch.where(hit, xs.gather(1, (t - lo).clamp(0, hi - lo - 1)[:, None])[:, 0], 0.0)
+    want = torch.stack([m, (xs - m[:, None]).exp().sum(1), x_t, xs @ w[lo:hi].double()], 1)
+    torch.testing.assert_close(part[:, :4].double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(part[:, 4:], torch.zeros(6, 2))
