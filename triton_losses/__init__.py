@@ -14,6 +14,8 @@ from .cross_entropy import cross_entropy, nll_loss
 from .distill import jsd, kl_div_with_logits
 from .kl_div import kl_div
 from .linear_cross_entropy import linear_cross_entropy
+from .margin import hinge_embedding_loss, margin_ranking_loss, soft_margin_loss
+from .regression import gaussian_nll_loss, huber_loss, l1_loss, mse_loss, poisson_nll_loss, smooth_l1_loss
 from .softmax import log_softmax, softmax
 
 __version__ = "0.1.0"
@@ -22,12 +24,21 @@ __all__ = [
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "gaussian_nll_loss",
+    "hinge_embedding_loss",
+    "huber_loss",
     "jsd",
     "kl_div",
     "kl_div_with_logits",
+    "l1_loss",
     "linear_cross_entropy",
     "log_softmax",
+    "margin_ranking_loss",
+    "mse_loss",
     "nll_loss",
     "nn",
+    "poisson_nll_loss",
+    "smooth_l1_loss",
+    "soft_margin_loss",
     "softmax",
 ]

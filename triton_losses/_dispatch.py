@@ -28,6 +28,8 @@ from .reference import bce as _r_bce
 from .reference import cross_entropy as _r_cross_entropy
 from .reference import distill as _r_distill
 from .reference import kl_div as _r_kl_div
+from .reference import margin as _r_margin
+from .reference import regression as _r_regression
 from .reference import softmax as _r_softmax
 
 # family -> reference engine; one line per family.
@@ -36,6 +38,8 @@ _REFERENCE: dict[str, ModuleType] = {
     "cross_entropy": _r_cross_entropy,
     "distill": _r_distill,
     "kl_div": _r_kl_div,
+    "margin": _r_margin,
+    "regression": _r_regression,
     "softmax": _r_softmax,
 }
 
@@ -48,6 +52,8 @@ else:
     from .kernels import cross_entropy as _k_cross_entropy
     from .kernels import distill as _k_distill
     from .kernels import kl_div as _k_kl_div
+    from .kernels import margin as _k_margin
+    from .kernels import regression as _k_regression
     from .kernels import softmax as _k_softmax
 
     # family -> kernels engine; one line per family.
@@ -56,6 +62,8 @@ else:
         "cross_entropy": _k_cross_entropy,
         "distill": _k_distill,
         "kl_div": _k_kl_div,
+        "margin": _k_margin,
+        "regression": _k_regression,
         "softmax": _k_softmax,
     }
 

@@ -11,17 +11,28 @@ from .cross_entropy import CrossEntropyLoss, NLLLoss
 from .distill import JSDLoss, KLDivWithLogitsLoss
 from .kl_div import KLDivLoss
 from .linear_cross_entropy import LinearCrossEntropyLoss
+from .margin import HingeEmbeddingLoss, MarginRankingLoss, SoftMarginLoss
+from .regression import GaussianNLLLoss, HuberLoss, L1Loss, MSELoss, PoissonNLLLoss, SmoothL1Loss
 from .softmax import LogSoftmax, Softmax
 
 __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "GaussianNLLLoss",
+    "HingeEmbeddingLoss",
+    "HuberLoss",
     "JSDLoss",
     "KLDivLoss",
     "KLDivWithLogitsLoss",
+    "L1Loss",
     "LinearCrossEntropyLoss",
     "LogSoftmax",
+    "MSELoss",
+    "MarginRankingLoss",
     "NLLLoss",
+    "PoissonNLLLoss",
+    "SmoothL1Loss",
+    "SoftMarginLoss",
     "Softmax",
 ]

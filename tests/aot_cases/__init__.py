@@ -20,6 +20,8 @@ FAMILIES: dict[str, str] = {
     "cross_entropy": "tests.aot_cases.cross_entropy",
     "distill": "tests.aot_cases.distill",
     "kl_div": "tests.aot_cases.kl_div",
+    "margin": "tests.aot_cases.margin",
+    "regression": "tests.aot_cases.regression",
     "softmax": "tests.aot_cases.softmax",
 }
 
