@@ -12,9 +12,11 @@ from . import nn
 from .bce import binary_cross_entropy, binary_cross_entropy_with_logits
 from .cross_entropy import cross_entropy, nll_loss
 from .distill import jsd, kl_div_with_logits
+from .embedding import cosine_embedding_loss, triplet_margin_loss, triplet_margin_with_distance_loss
 from .kl_div import kl_div
 from .linear_cross_entropy import linear_cross_entropy
 from .margin import hinge_embedding_loss, margin_ranking_loss, soft_margin_loss
+from .multi_margin import multi_margin_loss, multilabel_margin_loss, multilabel_soft_margin_loss
 from .regression import gaussian_nll_loss, huber_loss, l1_loss, mse_loss, poisson_nll_loss, smooth_l1_loss
 from .softmax import log_softmax, softmax
 
@@ -23,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
+    "cosine_embedding_loss",
     "cross_entropy",
     "gaussian_nll_loss",
     "hinge_embedding_loss",
@@ -35,10 +38,15 @@ __all__ = [
     "log_softmax",
     "margin_ranking_loss",
     "mse_loss",
+    "multi_margin_loss",
+    "multilabel_margin_loss",
+    "multilabel_soft_margin_loss",
     "nll_loss",
     "nn",
     "poisson_nll_loss",
     "smooth_l1_loss",
     "soft_margin_loss",
     "softmax",
+    "triplet_margin_loss",
+    "triplet_margin_with_distance_loss",
 ]

@@ -27,8 +27,10 @@ import torch
 from .reference import bce as _r_bce
 from .reference import cross_entropy as _r_cross_entropy
 from .reference import distill as _r_distill
+from .reference import embedding as _r_embedding
 from .reference import kl_div as _r_kl_div
 from .reference import margin as _r_margin
+from .reference import multi_margin as _r_multi_margin
 from .reference import regression as _r_regression
 from .reference import softmax as _r_softmax
 
@@ -37,8 +39,10 @@ _REFERENCE: dict[str, ModuleType] = {
     "bce": _r_bce,
     "cross_entropy": _r_cross_entropy,
     "distill": _r_distill,
+    "embedding": _r_embedding,
     "kl_div": _r_kl_div,
     "margin": _r_margin,
+    "multi_margin": _r_multi_margin,
     "regression": _r_regression,
     "softmax": _r_softmax,
 }
@@ -51,8 +55,10 @@ else:
     from .kernels import bce as _k_bce
     from .kernels import cross_entropy as _k_cross_entropy
     from .kernels import distill as _k_distill
+    from .kernels import embedding as _k_embedding
     from .kernels import kl_div as _k_kl_div
     from .kernels import margin as _k_margin
+    from .kernels import multi_margin as _k_multi_margin
     from .kernels import regression as _k_regression
     from .kernels import softmax as _k_softmax
 
@@ -61,8 +67,10 @@ else:
         "bce": _k_bce,
         "cross_entropy": _k_cross_entropy,
         "distill": _k_distill,
+        "embedding": _k_embedding,
         "kl_div": _k_kl_div,
         "margin": _k_margin,
+        "multi_margin": _k_multi_margin,
         "regression": _k_regression,
         "softmax": _k_softmax,
     }

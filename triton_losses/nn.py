@@ -9,15 +9,18 @@ from __future__ import annotations
 from .bce import BCELoss, BCEWithLogitsLoss
 from .cross_entropy import CrossEntropyLoss, NLLLoss
 from .distill import JSDLoss, KLDivWithLogitsLoss
+from .embedding import CosineEmbeddingLoss, TripletMarginLoss, TripletMarginWithDistanceLoss
 from .kl_div import KLDivLoss
 from .linear_cross_entropy import LinearCrossEntropyLoss
 from .margin import HingeEmbeddingLoss, MarginRankingLoss, SoftMarginLoss
+from .multi_margin import MultiLabelMarginLoss, MultiLabelSoftMarginLoss, MultiMarginLoss
 from .regression import GaussianNLLLoss, HuberLoss, L1Loss, MSELoss, PoissonNLLLoss, SmoothL1Loss
 from .softmax import LogSoftmax, Softmax
 
 __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
+    "CosineEmbeddingLoss",
     "CrossEntropyLoss",
     "GaussianNLLLoss",
     "HingeEmbeddingLoss",
@@ -30,9 +33,14 @@ __all__ = [
     "LogSoftmax",
     "MSELoss",
     "MarginRankingLoss",
+    "MultiLabelMarginLoss",
+    "MultiLabelSoftMarginLoss",
+    "MultiMarginLoss",
     "NLLLoss",
     "PoissonNLLLoss",
     "SmoothL1Loss",
     "SoftMarginLoss",
     "Softmax",
+    "TripletMarginLoss",
+    "TripletMarginWithDistanceLoss",
 ]

@@ -19,8 +19,10 @@ FAMILIES: dict[str, str] = {
     "bce": "tests.aot_cases.bce",
     "cross_entropy": "tests.aot_cases.cross_entropy",
     "distill": "tests.aot_cases.distill",
+    "embedding": "tests.aot_cases.embedding",
     "kl_div": "tests.aot_cases.kl_div",
     "margin": "tests.aot_cases.margin",
+    "multi_margin": "tests.aot_cases.multi_margin",
     "regression": "tests.aot_cases.regression",
     "softmax": "tests.aot_cases.softmax",
 }
