@@ -11,6 +11,7 @@ set before the import.
 from . import nn
 from .bce import binary_cross_entropy, binary_cross_entropy_with_logits
 from .cross_entropy import cross_entropy, nll_loss
+from .ctc import ctc_loss
 from .distill import jsd, kl_div_with_logits
 from .embedding import cosine_embedding_loss, triplet_margin_loss, triplet_margin_with_distance_loss
 from .kl_div import kl_div
@@ -27,6 +28,7 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "cosine_embedding_loss",
     "cross_entropy",
+    "ctc_loss",
     "gaussian_nll_loss",
     "hinge_embedding_loss",
     "huber_loss",

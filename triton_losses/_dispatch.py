@@ -26,6 +26,7 @@ import torch
 
 from .reference import bce as _r_bce
 from .reference import cross_entropy as _r_cross_entropy
+from .reference import ctc as _r_ctc
 from .reference import distill as _r_distill
 from .reference import embedding as _r_embedding
 from .reference import kl_div as _r_kl_div
@@ -38,6 +39,7 @@ from .reference import softmax as _r_softmax
 _REFERENCE: dict[str, ModuleType] = {
     "bce": _r_bce,
     "cross_entropy": _r_cross_entropy,
+    "ctc": _r_ctc,
     "distill": _r_distill,
     "embedding": _r_embedding,
     "kl_div": _r_kl_div,
@@ -54,6 +56,7 @@ except ImportError:  # no wheels on some platforms: the reference serves every c
 else:
     from .kernels import bce as _k_bce
     from .kernels import cross_entropy as _k_cross_entropy
+    from .kernels import ctc as _k_ctc
     from .kernels import distill as _k_distill
     from .kernels import embedding as _k_embedding
     from .kernels import kl_div as _k_kl_div
@@ -66,6 +69,7 @@ else:
     _KERNELS = {
         "bce": _k_bce,
         "cross_entropy": _k_cross_entropy,
+        "ctc": _k_ctc,
         "distill": _k_distill,
         "embedding": _k_embedding,
         "kl_div": _k_kl_div,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .bce import BCELoss, BCEWithLogitsLoss
 from .cross_entropy import CrossEntropyLoss, NLLLoss
+from .ctc import CTCLoss
 from .distill import JSDLoss, KLDivWithLogitsLoss
 from .embedding import CosineEmbeddingLoss, TripletMarginLoss, TripletMarginWithDistanceLoss
 from .kl_div import KLDivLoss
@@ -20,6 +21,7 @@ from .softmax import LogSoftmax, Softmax
 __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
+    "CTCLoss",
     "CosineEmbeddingLoss",
     "CrossEntropyLoss",
     "GaussianNLLLoss",

@@ -18,6 +18,7 @@ from ._case import Case
 FAMILIES: dict[str, str] = {
     "bce": "tests.aot_cases.bce",
     "cross_entropy": "tests.aot_cases.cross_entropy",
+    "ctc": "tests.aot_cases.ctc",
     "distill": "tests.aot_cases.distill",
     "embedding": "tests.aot_cases.embedding",
     "kl_div": "tests.aot_cases.kl_div",
