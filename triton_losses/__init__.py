@@ -16,6 +16,7 @@ from .distill import jsd, kl_div_with_logits
 from .embedding import cosine_embedding_loss, triplet_margin_loss, triplet_margin_with_distance_loss
 from .kl_div import kl_div
 from .linear_cross_entropy import linear_cross_entropy
+from .logprobs import linear_token_logprobs, token_logprobs
 from .margin import hinge_embedding_loss, margin_ranking_loss, soft_margin_loss
 from .multi_margin import multi_margin_loss, multilabel_margin_loss, multilabel_soft_margin_loss
 from .regression import gaussian_nll_loss, huber_loss, l1_loss, mse_loss, poisson_nll_loss, smooth_l1_loss
@@ -37,6 +38,7 @@ __all__ = [
     "kl_div_with_logits",
     "l1_loss",
     "linear_cross_entropy",
+    "linear_token_logprobs",
     "log_softmax",
     "margin_ranking_loss",
     "mse_loss",
@@ -49,6 +51,7 @@ __all__ = [
     "smooth_l1_loss",
     "soft_margin_loss",
     "softmax",
+    "token_logprobs",
     "triplet_margin_loss",
     "triplet_margin_with_distance_loss",
 ]

@@ -30,6 +30,7 @@ from .reference import ctc as _r_ctc
 from .reference import distill as _r_distill
 from .reference import embedding as _r_embedding
 from .reference import kl_div as _r_kl_div
+from .reference import logprobs as _r_logprobs
 from .reference import margin as _r_margin
 from .reference import multi_margin as _r_multi_margin
 from .reference import regression as _r_regression
@@ -43,6 +44,7 @@ _REFERENCE: dict[str, ModuleType] = {
     "distill": _r_distill,
     "embedding": _r_embedding,
     "kl_div": _r_kl_div,
+    "logprobs": _r_logprobs,
     "margin": _r_margin,
     "multi_margin": _r_multi_margin,
     "regression": _r_regression,
@@ -60,6 +62,7 @@ else:
     from .kernels import distill as _k_distill
     from .kernels import embedding as _k_embedding
     from .kernels import kl_div as _k_kl_div
+    from .kernels import logprobs as _k_logprobs
     from .kernels import margin as _k_margin
     from .kernels import multi_margin as _k_multi_margin
     from .kernels import regression as _k_regression
@@ -73,6 +76,7 @@ else:
         "distill": _k_distill,
         "embedding": _k_embedding,
         "kl_div": _k_kl_div,
+        "logprobs": _k_logprobs,
         "margin": _k_margin,
         "multi_margin": _k_multi_margin,
         "regression": _k_regression,

@@ -22,6 +22,7 @@ FAMILIES: dict[str, str] = {
     "distill": "tests.aot_cases.distill",
     "embedding": "tests.aot_cases.embedding",
     "kl_div": "tests.aot_cases.kl_div",
+    "logprobs": "tests.aot_cases.logprobs",
     "margin": "tests.aot_cases.margin",
     "multi_margin": "tests.aot_cases.multi_margin",
     "regression": "tests.aot_cases.regression",
