@@ -97,6 +97,17 @@ def online_lse_update(m, s, x):
 
 
 @triton.jit
+def online_lse_block(m, s, x):
+    """Fold a tile ``x`` ``(BLOCK_R, BLOCK_C)`` into per-row running ``(m, s)`` ``(BLOCK_R,)``: max and sum
+    of ``exp(x - m)`` so far, one max / sum reduction per tile. ``-inf`` lanes add 0, and an all ``-inf``
+    row keeps ``m = -inf``, ``s = 0`` (no ``-inf - -inf``)."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
+    return m_new, s
+
+
+@triton.jit
 def online_lse_finish(m, s):
     """Per-row ``(max, sum of exp(x - max))`` from per-lane running ``(m, s)`` tiles ``(BLOCK_R, BLOCK_C)``.
 

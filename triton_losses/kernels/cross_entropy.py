@@ -26,7 +26,17 @@ import triton.language as tl
 from .._precision import acc_dtype
 from ..options import CESpec
 from ..reference import cross_entropy as _reference
-from ._common import NEG_INF, assert_options, launch_config, on_device, row_block, row_offsets, tanh, tl_acc
+from ._common import (
+    NEG_INF,
+    assert_options,
+    launch_config,
+    on_device,
+    online_lse_block,
+    row_block,
+    row_offsets,
+    tanh,
+    tl_acc,
+)
 
 FUSES_GRAD = True  # ce_fwd(..., grad=buffer) writes the gradient of the reduced loss
 
@@ -207,10 +217,7 @@ def _ce_fwd_kernel(
             cols64 = cols.to(tl.int64)
             x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=NEG_INF)
             x = _softcap(x.to(ACC), softcap, mask, HAS_SOFTCAP)
-            m_new = tl.maximum(m, tl.max(x, 1))
-            shift = tl.where(m_new == NEG_INF, 0.0, m_new)
-            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
-            m = m_new
+            m, s = online_lse_block(m, s, x)
             if HAS_WEIGHT:
                 w = tl.load(w_ptr + cols64 * s_w, mask=cmask, other=0.0).to(ACC)[None, :]
             else:
@@ -367,10 +374,7 @@ def _ce_partial_kernel(
         cols64 = cols.to(tl.int64)
         x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=NEG_INF)
         x = _softcap(x.to(ACC), softcap, mask, HAS_SOFTCAP)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        shift = tl.where(m_new == NEG_INF, 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
-        m = m_new
+        m, s = online_lse_block(m, s, x)
         if HAS_WEIGHT:
             w = tl.load(w_ptr + (c_off + cols64) * s_w, mask=cmask, other=0.0).to(ACC)[None, :]
         else:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .._precision import acc_dtype
-from ._common import NEG_INF, launch_config, on_device, row_block, row_offsets, tl_acc
+from ._common import NEG_INF, launch_config, on_device, online_lse_block, row_block, row_offsets, tl_acc
 
 
 @triton.jit
@@ -53,10 +53,7 @@ def _softmax_fwd_kernel(
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
             mask = rmask[:, None] & (cols < C)[None, :]
             x = tl.load(x_ptr + xoff[:, None] + cols[None, :] * s_xc, mask=mask, other=NEG_INF).to(ACC)
-            m_new = tl.maximum(m, tl.max(x, 1))
-            shift = tl.where(m_new == NEG_INF, 0.0, m_new)
-            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
-            m = m_new
+            m, s = online_lse_block(m, s, x)
         logs = tl.log(s)
         inv_s = 1.0 / s
         for c0 in range(0, C, BLOCK_C):
