@@ -176,6 +176,72 @@ def _weight_sum(wsum_ptr, C, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _ce_fwd_stats(
+    x_ptr, xoff, s_xc,  # logits rows: base offsets (BLOCK_R,), class stride
+    t_ptr, toff, s_tc,  # probability targets (PROB_TARGET) rows
+    w_ptr, s_w,  # class weights (C,) and their stride
+    rmask, C, softcap,
+    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One pass over a block of rows: running max and sum-exp, and the weighted sums smoothing / probability targets need."""
+    m = tl.full([BLOCK_R], NEG_INF, ACC)
+    s = tl.zeros([BLOCK_R], ACC)
+    swx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * x_c (label smoothing)
+    swt = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * t_c (probability targets)
+    swtx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * t_c * x_c (probability targets)
+    if not LOGP_INPUT:
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            cmask = cols < C
+            mask = rmask[:, None] & cmask[None, :]
+            cols64 = cols.to(tl.int64)
+            x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=NEG_INF)
+            x = _softcap(x.to(ACC), softcap, mask, HAS_SOFTCAP)
+            m, s = online_lse_block(m, s, x)
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + cols64 * s_w, mask=cmask, other=0.0).to(ACC)[None, :]
+            else:
+                w = 1.0
+            if HAS_SMOOTHING:
+                swx += tl.sum(tl.where(mask, w * x, 0.0), 1)
+            if PROB_TARGET:
+                t = tl.load(t_ptr + toff[:, None] + cols64[None, :] * s_tc, mask=mask, other=0.0)
+                wt = w * t.to(ACC)
+                swt += tl.sum(wt, 1)
+                swtx += tl.sum(tl.where(mask, wt * x, 0.0), 1)
+    return m, s, swx, swt, swtx
+
+
+@triton.jit
+def _ce_row_loss(m, logs, lse, w_t, x_t, ignored, inb, swx, swt, swtx, wsum, C, smoothing, z_loss,
+                 PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                 HAS_Z: tl.constexpr):  # fmt: skip
+    """Per-row loss from the row statistics (``logs = log(sum-exp)``, ``lse = m + logs``), and the target mass ``S1``."""
+    S1 = swt
+    if PROB_TARGET:
+        S2 = swtx
+        if HAS_SMOOTHING:
+            S1 = (1.0 - smoothing) * swt + smoothing * wsum / C
+            S2 = (1.0 - smoothing) * swtx + smoothing * swx / C
+        loss = (m * S1 - S2) + logs * S1
+        if HAS_Z:
+            loss += z_loss * lse * lse
+    else:
+        if LOGP_INPUT:
+            loss = -w_t * x_t
+        else:
+            loss = w_t * ((m - x_t) + logs)
+            if HAS_SMOOTHING:
+                loss = (1.0 - smoothing) * loss + smoothing / C * ((wsum * m - swx) + wsum * logs)
+            if HAS_Z:
+                loss += z_loss * w_t * lse * lse
+        loss = tl.where(ignored, 0.0, tl.where(inb, loss, float("nan")))
+    return loss, S1
+
+
+@triton.jit
 def _ce_fwd_kernel(
     x_ptr, s_xa, s_xc, s_xb,  # logits (A, C, B)
     t_ptr, s_ta, s_tc, s_tb,  # targets: index (A, B) or probabilities (A, C, B)
@@ -204,53 +270,13 @@ def _ce_fwd_kernel(
                                                        HAS_WEIGHT, ACC)  # fmt: skip
         x_t = tl.load(x_ptr + xoff + tsafe * s_xc, mask=rmask & inb, other=0.0).to(ACC)
         x_t = _softcap(x_t, softcap, rmask | True, HAS_SOFTCAP)
-    m = tl.full([BLOCK_R], NEG_INF, ACC)
-    s = tl.zeros([BLOCK_R], ACC)
-    swx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * x_c (label smoothing)
-    swt = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * t_c (probability targets)
-    swtx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * t_c * x_c (probability targets)
-    if not LOGP_INPUT:
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            cmask = cols < C
-            mask = rmask[:, None] & cmask[None, :]
-            cols64 = cols.to(tl.int64)
-            x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=NEG_INF)
-            x = _softcap(x.to(ACC), softcap, mask, HAS_SOFTCAP)
-            m, s = online_lse_block(m, s, x)
-            if HAS_WEIGHT:
-                w = tl.load(w_ptr + cols64 * s_w, mask=cmask, other=0.0).to(ACC)[None, :]
-            else:
-                w = 1.0
-            if HAS_SMOOTHING:
-                swx += tl.sum(tl.where(mask, w * x, 0.0), 1)
-            if PROB_TARGET:
-                t = tl.load(t_ptr + toff[:, None] + cols64[None, :] * s_tc, mask=mask, other=0.0)
-                wt = w * t.to(ACC)
-                swt += tl.sum(wt, 1)
-                swtx += tl.sum(tl.where(mask, wt * x, 0.0), 1)
+    m, s, swx, swt, swtx = _ce_fwd_stats(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, s_w, rmask, C, softcap,
+                                         HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP,
+                                         BLOCK_R, BLOCK_C, ACC)  # fmt: skip
     logs = tl.log(s)
     lse = m + logs
-
-    S1 = swt
-    if PROB_TARGET:
-        S2 = swtx
-        if HAS_SMOOTHING:
-            S1 = (1.0 - smoothing) * swt + smoothing * wsum / C
-            S2 = (1.0 - smoothing) * swtx + smoothing * swx / C
-        loss = (m * S1 - S2) + logs * S1
-        if HAS_Z:
-            loss += z_loss * lse * lse
-    else:
-        if LOGP_INPUT:
-            loss = -w_t * x_t
-        else:
-            loss = w_t * ((m - x_t) + logs)
-            if HAS_SMOOTHING:
-                loss = (1.0 - smoothing) * loss + smoothing / C * ((wsum * m - swx) + wsum * logs)
-            if HAS_Z:
-                loss += z_loss * w_t * lse * lse
-        loss = tl.where(ignored, 0.0, tl.where(inb, loss, float("nan")))
+    loss, S1 = _ce_row_loss(m, logs, lse, w_t, x_t, ignored, inb, swx, swt, swtx, wsum, C, smoothing, z_loss,
+                            PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_Z)  # fmt: skip
     tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
     if not LOGP_INPUT:
         tl.store(stats_ptr + 2 * rows, m.to(stats_ptr.dtype.element_ty), mask=rmask)
