@@ -706,7 +706,7 @@ def test_gpu_hot_path_has_no_host_sync_and_bounded_memory(monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_bar_shape_stays_under_1gb_beyond_inputs_and_gradients():
-    """Issue 4's GPU bar: bf16, N=8192, H=4096, V=128256, forward + backward, default options.
+    """The linear-CE memory target on a GPU: bf16, N=8192, H=4096, V=128256, forward + backward, default options.
 
     The logits alone would be 2.1 GB (and their gradient as much again); the fp32 weight-gradient
     accumulator would be 2.1 GB, so the default accumulates it in bf16 here (4 chunks of 2048 rows).

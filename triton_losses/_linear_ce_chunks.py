@@ -51,7 +51,7 @@ MIN_ROWS = {"cuda": 128, "cpu": 128}
 #
 # Accumulating grad_W over the chunks in fp32 costs V*H*4 bytes, and its cast to the weight's dtype
 # another V*H*2 while both live: at V=128256, H=4096 that is 2.1 GB + 1.05 GB, more than the logits
-# buffer and more than the "< 1 GB beyond inputs and gradients" allows. Past this size the
+# buffer and more than the memory target of "< 1 GB beyond inputs and gradients" allows. Past this size the
 # weight gradient is accumulated in its own dtype instead: each chunk's GEMM still sums its rows in
 # fp32 (cuBLAS / oneDNN accumulate 16-bit GEMMs in fp32) and adds the previous partial sum before one
 # rounding, so the result carries one rounding per chunk instead of one in all (4 chunks at the GPU
