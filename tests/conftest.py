@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest
 
+from triton_losses import _dispatch
 from triton_losses._dispatch import triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,3 +82,20 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+_SHIPPED_TORCH_FASTER_BELOW = dict(_dispatch.TORCH_FASTER_BELOW)
+
+
+@pytest.fixture(autouse=True)
+def _reference_at_every_size(monkeypatch):
+    """The library's own engines serve every size in tests: ``_dispatch.TORCH_FASTER_BELOW`` (small CPU
+    calls handed to torch's own function) is emptied, or the reference would go untested on small inputs."""
+    monkeypatch.setattr(_dispatch, "TORCH_FASTER_BELOW", {})
+
+
+@pytest.fixture
+def shipped_torch_faster_below(monkeypatch) -> dict[str, int]:
+    """The table as shipped, restored for the test that asks for it."""
+    monkeypatch.setattr(_dispatch, "TORCH_FASTER_BELOW", dict(_SHIPPED_TORCH_FASTER_BELOW))
+    return dict(_SHIPPED_TORCH_FASTER_BELOW)

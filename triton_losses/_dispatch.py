@@ -85,6 +85,30 @@ else:
 
 _BACKENDS = ("auto", "triton", "torch")
 
+# op -> element count (of its first tensor) below which torch's own CPU function serves a call that
+# the PyTorch reference would otherwise serve. Below these sizes a call is dominated by fixed Python
+# cost (argument checks, the autograd Function, the chunk loop: ~0.1-0.2 ms), which torch's C++
+# functions do not pay; above them the reference's fused chunked pass is the faster one. Measured on
+# the 2-core CPU machine, one thread, fp32, forward + backward with 'mean'
+# (``python bench/cpu_crossover.py``; bench/results/cpu-crossover.md). Tests empty this table
+# (tests/conftest.py) so that they exercise the reference at every size.
+TORCH_FASTER_BELOW: dict[str, int] = {
+    "l1_loss": 2**20,
+    "mse_loss": 2**24,
+    "smooth_l1_loss": 2**24,
+    "huber_loss": 2**24,
+    "poisson_nll_loss": 2**18,
+    "gaussian_nll_loss": 2**18,
+    "hinge_embedding_loss": 2**16,
+    "margin_ranking_loss": 2**18,
+    "multilabel_soft_margin_loss": 2**18,
+    "multi_margin_loss": 2**20,
+    "multilabel_margin_loss": 2**22,
+    "cosine_embedding_loss": 2**20,
+    "triplet_margin_loss": 2**22,
+    "triplet_margin_with_distance_loss": 2**22,
+}
+
 
 def interpreting() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter (CPU tensors run the kernels)."""
@@ -103,6 +127,31 @@ def tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _mode() -> str:
+    mode = os.environ.get("TRITON_LOSSES_BACKEND", "auto").strip().lower() or "auto"
+    if mode not in _BACKENDS:
+        raise ValueError(f"TRITON_LOSSES_BACKEND must be one of {_BACKENDS}, got {mode!r}")
+    return mode
+
+
+def torch_serves(op: str, x) -> bool:
+    """Whether torch's own function serves this call of ``op`` outright (public functions ask first).
+
+    True for a non-empty fp32 / fp64 CPU tensor ``x`` (the call's first tensor; the dtypes measured,
+    and 0-element calls stay ours: torch's CPU multi-margin losses return an uninitialised 'mean'
+    there) that the PyTorch reference would serve, smaller than ``TORCH_FASTER_BELOW[op]`` elements.
+    Ops whose results differ from torch's by design (``soft_margin_loss``: finite where torch
+    overflows) are not in the table. Never raises: anything else is left to the usual path.
+    """
+    below = TORCH_FASTER_BELOW.get(op)
+    if below is None or not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+        return False
+    if x.dtype not in (torch.float32, torch.float64) or not 0 < x.numel() < below:
+        return False
+    mode = os.environ.get("TRITON_LOSSES_BACKEND", "auto").strip().lower() or "auto"
+    return mode == "torch" or (mode == "auto" and not (interpreting() and triton_available()))
+
+
 def backend(*tensors: torch.Tensor | None, op: str, unsupported: str | None = None) -> str:
     """``"triton"`` or ``"torch"`` for a call of ``op`` on ``tensors``.
 
@@ -114,9 +163,7 @@ def backend(*tensors: torch.Tensor | None, op: str, unsupported: str | None = No
     Raises:
         NotImplementedError: ``TRITON_LOSSES_BACKEND=triton`` and the kernels cannot serve the call.
     """
-    mode = os.environ.get("TRITON_LOSSES_BACKEND", "auto").strip().lower() or "auto"
-    if mode not in _BACKENDS:
-        raise ValueError(f"TRITON_LOSSES_BACKEND must be one of {_BACKENDS}, got {mode!r}")
+    mode = _mode()
     if mode == "torch":
         return "torch"
     x = next(t for t in tensors if t is not None)

@@ -127,6 +127,8 @@ def cosine_embedding_loss(
     Returns:
         The loss in the inputs' promoted dtype.
     """
+    if _dispatch.torch_serves("cosine_embedding_loss", input1):  # small CPU calls: torch's own function is faster
+        return F.cosine_embedding_loss(input1, input2, target, margin, size_average, reduce, reduction)
     reduction = reduction_string(size_average, reduce, reduction)
     R = _cosine_rows_of(input1, input2, target)
     if R is None:
@@ -242,6 +244,8 @@ def triplet_margin_loss(
     Returns:
         The loss in the operands' promoted dtype.
     """
+    if _dispatch.torch_serves("triplet_margin_loss", anchor):  # small CPU calls: torch's own function is faster
+        return F.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, size_average, reduce, reduction)
     reduction = reduction_string(size_average, reduce, reduction)
     args = (anchor, positive, negative, margin, p, eps, swap, None, None, reduction)
     return _triplet_run("triplet_margin_loss", anchor, positive, negative, margin, p, eps, swap, reduction,
@@ -273,6 +277,18 @@ def triplet_margin_with_distance_loss(
     Returns:
         The loss (the dtype ``distance_function`` returns; the operands' promoted dtype for None).
     """
+    if _dispatch.torch_serves(
+        "triplet_margin_with_distance_loss", anchor
+    ):  # small CPU calls: torch's own function is faster
+        return F.triplet_margin_with_distance_loss(
+            anchor,
+            positive,
+            negative,
+            distance_function=distance_function,
+            margin=margin,
+            swap=swap,
+            reduction=reduction,
+        )
     a_dim, p_dim, n_dim = anchor.ndim, positive.ndim, negative.ndim
     kwargs = dict(distance_function=distance_function, margin=margin, swap=swap, reduction=reduction)
     valid = reduction in ("mean", "sum", "none") and margin > 0 and a_dim == p_dim == n_dim

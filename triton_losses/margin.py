@@ -110,6 +110,8 @@ def hinge_embedding_loss(
     Returns:
         The loss in ``input``'s dtype, differentiable w.r.t. ``input``.
     """
+    if _dispatch.torch_serves("hinge_embedding_loss", input):  # small CPU calls: torch's own function is faster
+        return F.hinge_embedding_loss(input, target, margin, size_average, reduce, reduction)
     torch_args = (input, target, margin, size_average, reduce, reduction)
     red = _ea.silent_reduction(size_average, reduce, reduction)
     if red is None or not _ea.modelled(input, target) or not isinstance(margin, (int, float)):
@@ -146,6 +148,8 @@ def margin_ranking_loss(
     Returns:
         The loss in the promoted dtype of the three, differentiable w.r.t. all three.
     """
+    if _dispatch.torch_serves("margin_ranking_loss", input1):  # small CPU calls: torch's own function is faster
+        return F.margin_ranking_loss(input1, input2, target, margin, size_average, reduce, reduction)
     torch_args = (input1, input2, target, margin, size_average, reduce, reduction)
     red = _ea.silent_reduction(size_average, reduce, reduction)
     ok = red is not None and _ea.modelled(input1, input2, target) and isinstance(margin, (int, float))

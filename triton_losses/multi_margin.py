@@ -128,6 +128,8 @@ def multilabel_soft_margin_loss(
     Returns:
         The loss in the dtype torch promotes ``input``, ``target`` and ``weight`` to.
     """
+    if _dispatch.torch_serves("multilabel_soft_margin_loss", input):  # small CPU calls: torch's own function is faster
+        return F.multilabel_soft_margin_loss(input, target, weight, size_average, reduce, reduction)
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
     if _mlsm_unsupported(input, target, weight, reduction):
@@ -242,6 +244,8 @@ def multi_margin_loss(
         uninitialised value there). CPU targets outside ``[0, C)`` raise torch's error; CUDA
         ones are a device-side assert (the kernels clamp them, never reading out of bounds).
     """
+    if _dispatch.torch_serves("multi_margin_loss", input):  # small CPU calls: torch's own function is faster
+        return F.multi_margin_loss(input, target, p, margin, weight, size_average, reduce, reduction)
     reduction = reduction_string(size_average, reduce, reduction)
     args = (input, target, p, margin, weight, None, None, reduction)
     if _mm_unsupported(input, target, p, weight, reduction):
@@ -332,6 +336,8 @@ def multilabel_margin_loss(
         uninitialised value there). CPU targets outside ``[-1, C)`` raise torch's error; on CUDA
         the kernels assert on the device and never read out of bounds.
     """
+    if _dispatch.torch_serves("multilabel_margin_loss", input):  # small CPU calls: torch's own function is faster
+        return F.multilabel_margin_loss(input, target, size_average, reduce, reduction)
     reduction = reduction_string(size_average, reduce, reduction)
     args = (input, target, None, None, reduction)
     if _mlm_unsupported(input, target, reduction):

@@ -116,6 +116,8 @@ def l1_loss(
         The loss in the promoted dtype of input and target (and weight), differentiable w.r.t.
         input, target and weight.
     """
+    if _dispatch.torch_serves("l1_loss", input):  # small CPU calls: torch's own function is faster
+        return F.l1_loss(input, target, size_average, reduce, reduction, weight=weight)
     kwargs = dict(size_average=size_average, reduce=reduce, reduction=reduction, weight=weight)
     return _difference("l1_loss", F.l1_loss, kwargs, input, target, weight, (size_average, reduce),
                        RegressionOptions("l1"))  # fmt: skip
@@ -144,6 +146,8 @@ def mse_loss(
         The loss in the promoted dtype of input and target (and weight), differentiable w.r.t.
         input, target and weight.
     """
+    if _dispatch.torch_serves("mse_loss", input):  # small CPU calls: torch's own function is faster
+        return F.mse_loss(input, target, size_average, reduce, reduction, weight=weight)
     kwargs = dict(size_average=size_average, reduce=reduce, reduction=reduction, weight=weight)
     return _difference("mse_loss", F.mse_loss, kwargs, input, target, weight, (size_average, reduce),
                        RegressionOptions("mse"))  # fmt: skip
@@ -172,6 +176,8 @@ def smooth_l1_loss(
     Returns:
         The loss in the promoted dtype of input and target, differentiable w.r.t. both.
     """
+    if _dispatch.torch_serves("smooth_l1_loss", input):  # small CPU calls: torch's own function is faster
+        return F.smooth_l1_loss(input, target, size_average, reduce, reduction, beta=beta)
     kwargs = dict(size_average=size_average, reduce=reduce, reduction=reduction, beta=beta)
     ok = isinstance(beta, (int, float)) and beta >= 0
     opts = RegressionOptions("smooth_l1", float(beta)) if ok and beta != 0 else RegressionOptions("l1")
@@ -201,6 +207,8 @@ def huber_loss(
         The loss in the input's dtype (promoted with the weight's), differentiable w.r.t. input,
         target and weight.
     """
+    if _dispatch.torch_serves("huber_loss", input):  # small CPU calls: torch's own function is faster
+        return F.huber_loss(input, target, reduction, delta, weight=weight)
     kwargs = dict(reduction=reduction, delta=delta, weight=weight)
     ok = isinstance(delta, (int, float)) and delta > 0
     return _difference("huber_loss", F.huber_loss, kwargs, input, target, weight, (None, None),
@@ -236,6 +244,8 @@ def poisson_nll_loss(
     Returns:
         The loss in torch's result dtype of input and target, differentiable w.r.t. both.
     """
+    if _dispatch.torch_serves("poisson_nll_loss", input):  # small CPU calls: torch's own function is faster
+        return F.poisson_nll_loss(input, target, log_input, full, size_average, eps, reduce, reduction)
     torch_args = (input, target, log_input, full, size_average, eps, reduce, reduction)
     red = _ea.silent_reduction(size_average, reduce, reduction)
     if red is None or not _ea.modelled(input, target) or not isinstance(eps, (int, float)):
@@ -285,6 +295,8 @@ def gaussian_nll_loss(
     Returns:
         The loss in the result dtype of input, target and var, differentiable w.r.t. all three.
     """
+    if _dispatch.torch_serves("gaussian_nll_loss", input):  # small CPU calls: torch's own function is faster
+        return F.gaussian_nll_loss(input, target, var, full, eps, reduction)
     torch_args = (input, target, var, full, eps, reduction)
     number = isinstance(var, float)
     v = None if number else _gaussian_var(input, var) if isinstance(var, torch.Tensor) else None
