@@ -109,6 +109,18 @@ def global_accesses(sass: str) -> tuple[dict, dict]:
     return dict(sorted(counts["LDG"].items())), dict(sorted(counts["STG"].items()))
 
 
+_HINTS = {"evict_last": "EL", "evict_first": "EF"}  # tl.load's eviction_policy -> its SASS modifier
+
+
+def eviction_hints(sass: str) -> dict:
+    """Global loads and stores carrying an L1/L2 eviction hint, e.g. ``{"LDG.EL": 2, "STG.EF": 1}``."""
+    found = collections.Counter()
+    for op, mods in re.findall(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)", sass):
+        for hint in set(mods.split(".")) & set(_HINTS.values()):
+            found[f"{op}.{hint}"] += 1
+    return dict(sorted(found.items()))
+
+
 # What ``--check`` tolerates, set by main(): spill bytes, and whether register use above the launch's
 # occupancy fails the check or is only reported (``--registers report``).
 _MAX_SPILL = 0
@@ -130,6 +142,9 @@ def findings(case, r: dict) -> list[str]:
             out.append(f"no 128-bit global load (loads by width: {r['loads']})")
         if "store" in case.vector_io and not r["stores"].get("128"):
             out.append(f"no 128-bit global store (stores by width: {r['stores']})")
+        for name, value in case.constexprs:  # an eviction policy asked for must reach the loads
+            if name.startswith("EVICT") and value in _HINTS and not r["hints"].get(f"LDG.{_HINTS[value]}"):
+                out.append(f"{name}={value}: no global load with .{_HINTS[value]} (hinted: {r['hints']})")
     return out
 
 
@@ -161,7 +176,7 @@ def compile_case(key_arch: tuple[str, int]) -> dict:
     key, arch = key_arch
     case = _cases()[key]
     r = {"case": key, "arch": arch, "error": None, "regs": None, "spills": None, "max_regs": case.max_registers()}
-    r.update(loads=None, stores=None, signature=None)
+    r.update(loads=None, stores=None, hints=None, signature=None)
     try:
         target = GPUTarget("cuda", arch, 32)
         src, options = specialise(case, target)
@@ -171,7 +186,9 @@ def compile_case(key_arch: tuple[str, int]) -> dict:
         if usage is not None:
             m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
             r["regs"], r["spills"] = int(m.group(1)), int(m.group(2))
-            r["loads"], r["stores"] = global_accesses(_cuobjdump(cubin, "-sass"))
+            sass = _cuobjdump(cubin, "-sass")
+            r["loads"], r["stores"] = global_accesses(sass)
+            r["hints"] = eviction_hints(sass)
     except Exception as e:  # one bad case must not hide the others
         r["error"] = _error_chain(e)
     r["findings"] = findings(case, r)

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -156,3 +157,22 @@ def test_elementwise_kernels_cover_every_block_shape(family, kernels):
         for kernel in kernels:
             missing = wanted - _compiled_configs(family, kernel, itemsize)
             assert not missing, f"{kernel}, {itemsize}-byte elements: no case for {sorted(missing)}"
+
+
+def test_eviction_hints_are_read_from_the_sass_and_checked():
+    from tests import aot_compile
+
+    sass = "LDG.E.EL.128 R4, desc[UR4][R2.64] ;\n LDG.E.EF.128 R8 ;\n STG.E.EF.128 [R2], R4 ;\n LDG.E.128 R1 ;"
+    assert aot_compile.eviction_hints(sass) == {"LDG.EF": 1, "LDG.EL": 1, "STG.EF": 1}
+    asked = types.SimpleNamespace(constexprs=(("EVICT_1ST", "evict_last"), ("EVICT_2ND", "")), vector_io=())
+    r = dict(error=None, spills=0, regs=32, max_regs=128, loads={"128": 2}, stores={"128": 1})
+    assert aot_compile.findings(asked, dict(r, hints={"LDG.EL": 1})) == []
+    (finding,) = aot_compile.findings(asked, dict(r, hints={}))
+    assert "EVICT_1ST=evict_last" in finding
+
+
+def test_the_lm_forward_keeps_its_row_in_l2_for_the_gradient_pass(smoke):
+    """The fused LM forward is the persistent variant: its first read hinted evict_last, its second evict_first."""
+    (key,) = [k for k in smoke if k.startswith("_ce_fwd_kernel") and "WRITE_GRAD=True,HAS_COEF=True" in k][:1]
+    assert "PERSISTENT=True" in key
+    assert smoke[key]["hints"].get("LDG.EL") and smoke[key]["hints"].get("LDG.EF"), smoke[key]["hints"]

@@ -32,9 +32,11 @@ def _scalars(C: int, B: int = 1, prob: bool = False) -> dict:
     return s
 
 
-def _row_cases(x: str, C: int, B: int, config: tuple, flags: dict, launch: str, vector_io: bool, every_fwd=True):
+def _row_cases(x: str, C: int, B: int, config: tuple, flags: dict, launch: str, vector_io: bool, every_fwd=True,
+               variant: str | None = None, with_bwd: bool = True):  # fmt: skip
     """The backward and the forward of one launch: with and without the fused gradient and its scale
-    (``every_fwd``), or only the fused forward of 'mean'."""
+    (``every_fwd``), or only the fused forward of 'mean'. The forward is the variant the launcher picks
+    for it (``kernels.cross_entropy.default_variant``) unless ``variant`` names one."""
     block_r, block_c, warps = config
     prob, logp = flags["PROB_TARGET"], flags["LOGP_INPUT"]
     tile = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl.float64 if x == "fp64" else tl.float32)
@@ -43,9 +45,11 @@ def _row_cases(x: str, C: int, B: int, config: tuple, flags: dict, launch: str, 
     fwds = ((True, True), (False, True), (True, False)) if every_fwd else ((True, True),)
     for write, coef in fwds if not logp else ((False, True),):
         io = (("load", "store") if write else ("load",)) if vector_io and not logp else ()
-        yield case(k._ce_fwd_kernel, constexprs=dict(flags, WRITE_GRAD=write, HAS_COEF=coef, **tile),
+        chosen = variant or k.default_variant(C, DTYPES[x].itemsize, B == 1, write)
+        yield case(k._ce_fwd_kernel, constexprs=dict(flags, WRITE_GRAD=write, HAS_COEF=coef, **tile,
+                                                     **k._VARIANT_FLAGS[chosen]),
                    vector_io=io, **common)  # fmt: skip
-    for tgrad in (False, True) if prob else (False,):
+    for tgrad in ((False, True) if prob else (False,)) if with_bwd else ():
         io = (("store",) if logp else ("load", "store")) if vector_io else ()
         yield case(k._ce_bwd_kernel, constexprs=dict(flags, WRITE_TGRAD=tgrad, HAS_COEF=True, GIVEN_S1=False, **tile),
                    vector_io=io, **common)  # fmt: skip
@@ -94,6 +98,9 @@ def cases():
             continue
         yield from _row_cases("bf16", VOCAB, 1, lm, flags, f"{ROWS}x{VOCAB}", vector_io=True)
     plain = dict.fromkeys(FLAGS, False)
+    # The LM launch's other forward variant (TRITON_LOSSES_CE_VARIANT=rows), fused 'mean' only.
+    yield from _row_cases("bf16", VOCAB, 1, lm, plain, f"{ROWS}x{VOCAB}", True, every_fwd=False, variant="rows",
+                          with_bwd=False)  # fmt: skip
     # Rows of an odd length start unaligned: the runtime specialises without the divisibility hint and the
     # loads cannot be 128-bit, so none are asked for.
     yield from _row_cases("bf16", ODD_VOCAB, 1, launch_config(ODD_VOCAB, 2, True), plain, f"{ROWS}x{ODD_VOCAB}", False)

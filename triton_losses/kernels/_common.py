@@ -57,7 +57,13 @@ def tanh(y):
 @triton.jit
 def row_block(R, BLOCK_R: tl.constexpr):
     """This program's ``BLOCK_R`` row indices (int64) and the mask of those ``< R``."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    return rows_of_block(tl.program_id(0), R, BLOCK_R)
+
+
+@triton.jit
+def rows_of_block(blk, R, BLOCK_R: tl.constexpr):
+    """Block ``blk``'s ``BLOCK_R`` row indices (int64) and the mask of those ``< R`` (persistent grids)."""
+    rows = tl.cast(blk, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     return rows, rows < R
 
 

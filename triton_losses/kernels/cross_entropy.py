@@ -5,7 +5,8 @@ index or probability targets, log-probability input (NLL), class weights, label 
 z-loss and softcap. The forward reads each row once (running max and sum-exp over column
 blocks) and writes per-row ``loss`` and statistics ``(max, sum of exp(x - max))``; with
 ``WRITE_GRAD`` it then writes the row's gradient while the row is still in cache, so the backward
-only has to scale it. The max and the sum stay apart (the softmax is ``exp(x - max) / sum``), so
+only has to scale it (in a persistent grid at LM row lengths, so the re-read row is still in L2:
+see ``VARIANTS``). The max and the sum stay apart (the softmax is ``exp(x - max) / sum``), so
 fp32 accuracy does not fall with the logits' magnitude. Two one-program kernels finish a call:
 ``_ce_norm_kernel`` (class-weight sum, 'mean' denominator and gradient coefficient, before the
 forward) and ``_ce_finish_kernel`` (the reduced loss in the output dtype).
@@ -17,6 +18,7 @@ CUDA, as torch's CUDA kernels do; every load uses a clamped index, so it never r
 from __future__ import annotations
 
 import functools
+import os
 import types
 
 import torch
@@ -34,6 +36,7 @@ from ._common import (
     online_lse_block,
     row_block,
     row_offsets,
+    rows_of_block,
     tanh,
     tl_acc,
 )
@@ -60,9 +63,12 @@ def _ce_grad_pass(
     C, c_off, NC, smoothing, softcap,  # local classes, the first one's global index, global classes
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_TGRAD: tl.constexpr,
-    BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
     """Write ``rscale * dloss/dx`` (and ``dloss/dtarget``) for a block of rows, one column block at a time.
+
+    ``EVICT``: the L2 eviction policy of the logits' read and the gradient's stores ("" for the default;
+    "evict_first" where the logits were kept in L2 by the forward's first read and are read for the last time).
 
     ``d = exp(x - m) * (a_rs * inv_s) - own_rs * onehot - (smoothing / C) * w * rscale`` (index
     targets) or ``... - w * t * rscale`` (probability targets), times the softcap's derivative;
@@ -76,8 +82,8 @@ def _ce_grad_pass(
         if LOGP_INPUT:
             d = tl.where(cols64[None, :] == tgt[:, None], -own_rs[:, None], 0.0)
         else:
-            x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=0.0).to(ACC)
-            x = _softcap(x, softcap, mask, HAS_SOFTCAP)
+            x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=0.0, eviction_policy=EVICT)
+            x = _softcap(x.to(ACC), softcap, mask, HAS_SOFTCAP)
             d = tl.exp(x - m[:, None]) * (a_rs * inv_s)[:, None]
             if HAS_WEIGHT:
                 w = tl.load(w_ptr + (c_off + cols64) * s_w, mask=cmask, other=0.0).to(ACC)
@@ -105,7 +111,8 @@ def _ce_grad_pass(
             if HAS_SOFTCAP:
                 y = x / softcap
                 d = d * (1.0 - y * y)
-        tl.store(g_ptr + goff[:, None] + cols64[None, :] * s_gc, d.to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(g_ptr + goff[:, None] + cols64[None, :] * s_gc, d.to(g_ptr.dtype.element_ty), mask=mask,
+                 eviction_policy=EVICT)  # fmt: skip
 
 
 @triton.jit
@@ -183,9 +190,11 @@ def _ce_fwd_stats(
     rmask, C, softcap,
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
-    """One pass over a block of rows: running max and sum-exp, and the weighted sums smoothing / probability targets need."""
+    """One pass over a block of rows: running max and sum-exp, and the weighted sums smoothing / probability targets need.
+
+    ``EVICT``: the L2 eviction policy of the logits' read ("" or "evict_last": kept for the gradient pass)."""
     m = tl.full([BLOCK_R], NEG_INF, ACC)
     s = tl.zeros([BLOCK_R], ACC)
     swx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * x_c (label smoothing)
@@ -197,7 +206,8 @@ def _ce_fwd_stats(
             cmask = cols < C
             mask = rmask[:, None] & cmask[None, :]
             cols64 = cols.to(tl.int64)
-            x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=NEG_INF)
+            x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=NEG_INF,
+                        eviction_policy=EVICT)  # fmt: skip
             x = _softcap(x.to(ACC), softcap, mask, HAS_SOFTCAP)
             m, s = online_lse_block(m, s, x)
             if HAS_WEIGHT:
@@ -254,9 +264,43 @@ def _ce_fwd_kernel(
     HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr, HAS_COEF: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    PERSISTENT: tl.constexpr, EVICT_1ST: tl.constexpr, EVICT_2ND: tl.constexpr,
 ):  # fmt: skip
-    """Per-row cross-entropy (or NLL) loss and statistics for ``BLOCK_R`` rows, optionally the gradient."""
-    rows, rmask = row_block(R, BLOCK_R)
+    """Per-row cross-entropy (or NLL) loss and statistics for blocks of ``BLOCK_R`` rows, optionally the gradient.
+
+    One block per program, or (``PERSISTENT``) a grid smaller than the block count whose programs
+    take blocks ``pid, pid + programs, ...`` in turn, so that the rows in flight fit the L2 cache.
+    ``EVICT_1ST`` / ``EVICT_2ND``: eviction policies of the statistics pass's read and of the
+    gradient pass's read and stores (see ``ce_variant``).
+    """
+    if PERSISTENT:
+        for blk in range(tl.program_id(0), tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
+            _ce_fwd_block(blk, x_ptr, s_xa, s_xc, s_xb, t_ptr, s_ta, s_tc, s_tb, w_ptr, s_w, wsum_ptr,
+                          loss_ptr, stats_ptr, g_ptr, s_ga, s_gc, s_gb, coef_ptr,
+                          R, C, B, ignore_index, smoothing, z_loss, softcap,
+                          HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP,
+                          WRITE_GRAD, HAS_COEF, BLOCK_R, BLOCK_C, ACC, EVICT_1ST, EVICT_2ND)  # fmt: skip
+    else:
+        _ce_fwd_block(tl.program_id(0), x_ptr, s_xa, s_xc, s_xb, t_ptr, s_ta, s_tc, s_tb, w_ptr, s_w, wsum_ptr,
+                      loss_ptr, stats_ptr, g_ptr, s_ga, s_gc, s_gb, coef_ptr,
+                      R, C, B, ignore_index, smoothing, z_loss, softcap,
+                      HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP,
+                      WRITE_GRAD, HAS_COEF, BLOCK_R, BLOCK_C, ACC, EVICT_1ST, EVICT_2ND)  # fmt: skip
+
+
+@triton.jit
+def _ce_fwd_block(
+    blk, x_ptr, s_xa, s_xc, s_xb, t_ptr, s_ta, s_tc, s_tb, w_ptr, s_w, wsum_ptr,
+    loss_ptr, stats_ptr, g_ptr, s_ga, s_gc, s_gb, coef_ptr,
+    R, C, B, ignore_index, smoothing, z_loss, softcap,
+    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, HAS_COEF: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    EVICT_1ST: tl.constexpr, EVICT_2ND: tl.constexpr,
+):  # fmt: skip
+    """Block ``blk`` of ``_ce_fwd_kernel`` (its arguments, in its order)."""
+    rows, rmask = rows_of_block(blk, R, BLOCK_R)
     xoff = row_offsets(rows, B, s_xa, s_xb)
     toff = row_offsets(rows, B, s_ta, s_tb)
     wsum = _weight_sum(wsum_ptr, C, HAS_WEIGHT, ACC)
@@ -272,7 +316,7 @@ def _ce_fwd_kernel(
         x_t = _softcap(x_t, softcap, rmask | True, HAS_SOFTCAP)
     m, s, swx, swt, swtx = _ce_fwd_stats(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, s_w, rmask, C, softcap,
                                          HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP,
-                                         BLOCK_R, BLOCK_C, ACC)  # fmt: skip
+                                         BLOCK_R, BLOCK_C, ACC, EVICT_1ST)  # fmt: skip
     logs = tl.log(s)
     lse = m + logs
     loss, S1 = _ce_row_loss(m, logs, lse, w_t, x_t, ignored, inb, swx, swt, swtx, wsum, C, smoothing, z_loss,
@@ -292,7 +336,7 @@ def _ce_fwd_kernel(
                       g_ptr, goff, s_gc, rmask, tgt, m, 1.0 / s, lse, a_rs, own_rs, rscale,
                       C, 0, C, smoothing, softcap,
                       HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, False,
-                      BLOCK_C, ACC)  # fmt: skip
+                      BLOCK_C, ACC, EVICT_2ND)  # fmt: skip
 
 
 @triton.jit
@@ -361,7 +405,7 @@ def _ce_bwd_kernel(
                   dt_ptr, dtoff, s_dc, rmask, tgt, m, 1.0 / s, lse, a_rs, own_rs, rscale,
                   C, c_off, NC, smoothing, softcap,
                   HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
-                  BLOCK_C, ACC)  # fmt: skip
+                  BLOCK_C, ACC, "")  # fmt: skip
 
 
 @triton.jit
@@ -557,8 +601,19 @@ def ce_fwd(
         return loss, stats
     block_r, block_c, warps = launch_config(C, x.element_size(), x.stride(1) == 1 or B == 1)
     g = grad if grad is not None else x
+    blocks = triton.cdiv(R, block_r)
+    variant = ce_variant(x, write_grad=grad is not None)
+    if variant == "two_pass" and grad is not None:  # the loss-only forward, then the gradient from its statistics
+        loss, stats = ce_fwd(x, t, spec, coef, None)
+        scale = coef if coef is not None else torch.ones(1, device=x.device, dtype=acc)
+        ce_bwd(x, t, spec, stats, scale, None, grad=grad)
+        return loss, stats
+    variant = "rows" if variant == "two_pass" else variant
+    programs = (
+        persistent_programs(x.device, blocks, block_r * C * x.element_size()) if variant == "persistent" else blocks
+    )
     with on_device(x):
-        _ce_fwd_kernel[(triton.cdiv(R, block_r),)](
+        _ce_fwd_kernel[(programs,)](
             x_ptr=x, s_xa=x.stride(0), s_xc=x.stride(1), s_xb=x.stride(2),
             t_ptr=t, **_target_strides(t, spec.prob_target), **_weight_args(spec, x),
             loss_ptr=loss, stats_ptr=stats,
@@ -566,9 +621,66 @@ def ce_fwd(
             coef_ptr=coef if coef is not None else loss,
             R=R, C=C, B=B, **_scalars(spec), **_flags(spec),
             WRITE_GRAD=grad is not None, HAS_COEF=coef is not None,
-            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps, **assert_options(x),
+            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), **_VARIANT_FLAGS[variant],
+            num_warps=warps, **assert_options(x),
         )  # fmt: skip
     return loss, stats
+
+
+# ---- forward variants (bench/gpu_sweep.py measures each; the table below picks one per launch) ----
+
+VARIANT_ENV = "TRITON_LOSSES_CE_VARIANT"
+VARIANTS = ("rows", "persistent", "two_pass")
+# rows: one program per block of rows, default eviction. persistent: at most persistent_programs()
+# programs taking blocks in turn, the statistics pass keeping the logits in L2 (evict_last) and the
+# gradient pass reading them for the last time and streaming the gradient out (evict_first).
+# two_pass: the loss-only forward, then the backward kernel writing the gradient from the saved
+# statistics (two launches; what a recompute backward costs), the baseline the fused variants beat.
+_VARIANT_FLAGS = {
+    "rows": dict(PERSISTENT=False, EVICT_1ST="", EVICT_2ND=""),
+    "persistent": dict(PERSISTENT=True, EVICT_1ST="evict_last", EVICT_2ND="evict_first"),
+}
+# Rows at least this long (bytes) take the persistent variant when the forward writes the gradient
+# (the gradient pass re-reads the row: with one program per block, the ~6-8 programs resident per SM
+# keep 200-270 MB of LM rows in flight, past any L2, so that second read goes to HBM). Shorter rows,
+# and loss-only forwards (one read per row), keep one program per block. Not yet measured on a GPU:
+# `bash bench/gpu_session.sh` sweeps both variants at V = 32000, 128256, 262144 and prints the table.
+PERSISTENT_MIN_ROW_BYTES = 32 * 1024
+_PROGRAMS_PER_SM = 8  # the persistent grid's ceiling: SMs x this
+
+
+def ce_variant(x: torch.Tensor, write_grad: bool) -> str:
+    """The forward variant for logits ``x`` ``(A, C, B)``: ``TRITON_LOSSES_CE_VARIANT`` (one of
+    ``VARIANTS``) when set, else :func:`default_variant`."""
+    forced = os.environ.get(VARIANT_ENV, "").strip().lower()
+    if forced:
+        if forced not in VARIANTS:
+            raise ValueError(f"{VARIANT_ENV} must be one of {VARIANTS}, got {forced!r}")
+        return forced
+    return default_variant(x.shape[1], x.element_size(), x.stride(1) == 1 or x.shape[2] == 1, write_grad)
+
+
+def default_variant(C: int, elem_size: int, contiguous_rows: bool, write_grad: bool) -> str:
+    """``persistent`` for gradient-writing forwards over contiguous rows of at least
+    ``PERSISTENT_MIN_ROW_BYTES``, else ``rows`` (also what the AOT tier compiles for each launch)."""
+    long_rows = C * elem_size >= PERSISTENT_MIN_ROW_BYTES
+    return "persistent" if write_grad and contiguous_rows and long_rows else "rows"
+
+
+@functools.cache
+def _l2_bytes(device: torch.device) -> int:
+    """The device's L2 cache in bytes (read once per device); 4 MiB off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return 4 << 20
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def persistent_programs(device: torch.device, blocks: int, block_bytes: int) -> int:
+    """Programs of a persistent launch over ``blocks`` blocks of ``block_bytes``: as many as keep the
+    blocks in flight within half the L2, at least one per SM, at most ``_PROGRAMS_PER_SM`` per SM."""
+    sms = sm_count(device)
+    fit = (_l2_bytes(device) // 2) // max(1, block_bytes)
+    return max(1, min(blocks, max(sms, min(fit, sms * _PROGRAMS_PER_SM))))
 
 
 def ce_bwd(
