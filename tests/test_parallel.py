@@ -135,3 +135,41 @@ def test_partial_sums_of_a_slice(backend):
     want = torch.stack([m, (xs - m[:, None]).exp().sum(1), x_t, xs @ w[lo:hi].double()], 1)
     torch.testing.assert_close(part[:, :4].double(), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(part[:, 4:], torch.zeros(6, 2))
+
+
+def test_input_grad_all_reduce_starts_piece_by_piece(monkeypatch):
+    """The backward's input-gradient all-reduce: row pieces fixed by N, each started when its rows are done."""
+    from triton_losses import parallel
+
+    started = []
+    monkeypatch.setattr(parallel.dist, "all_reduce", lambda t, **kw: started.append((t.data_ptr(), t.shape[0], kw)))
+    gi = torch.zeros(10, 3)
+    r = parallel._RowsAllReduce(10, group="g")
+    assert r.bounds == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    r.ready(1, gi)
+    assert started == []
+    r.ready(6, gi)
+    assert [n for _, n, _ in started] == [2, 3]
+    assert started[1][0] == gi[2:].data_ptr() and started[1][2]["async_op"] and started[1][2]["group"] == "g"
+    r.ready(10, gi)
+    r.ready(10, gi)  # idempotent
+    assert [n for _, n, _ in started] == [2, 3, 2, 3]
+    assert parallel._RowsAllReduce(2, None).bounds == [(0, 1), (1, 2)]
+    assert parallel._RowsAllReduce(0, None).bounds == []
+
+
+def test_chunk_loop_reports_finished_input_grad_rows():
+    """``_linear_ce_chunks.run`` calls ``on_rows`` after every chunk with the rows finished so far."""
+    from triton_losses import _dispatch
+    from triton_losses import _linear_ce_chunks as chunks
+    from triton_losses.options import CESpec
+
+    eng = _dispatch._REFERENCE["cross_entropy"]
+    x, w, t = torch.randn(10, 4), torch.randn(7, 4), torch.randint(0, 7, (10, 1))
+    p = chunks.Problem(x, w, None, t, CESpec(), 7, None, 10, 4, torch.float32)
+    stats = chunks.run(eng, p, torch.ones(1), (False, False, False)).stats
+    seen = []
+    res = chunks.run(eng, p, torch.full((1,), 0.1), (True, False, False), stats=stats, gout=torch.ones(1),
+                     on_rows=lambda done, gi: seen.append((done, gi.shape)))  # fmt: skip
+    assert seen == [(4, (10, 4)), (8, (10, 4)), (10, (10, 4))]
+    assert res.grads[0].shape == (10, 4)

@@ -20,6 +20,7 @@ Rows listed in ``rows`` are the only ones computed (the caller leaves out rows w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -272,6 +273,7 @@ def run(
     per_row: bool = False,
     stats: torch.Tensor | None = None,
     gout: torch.Tensor | None = None,
+    on_rows: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Result:
     """One pass over the chunks: the loss (forward, ``stats`` None) and/or the gradients.
 
@@ -284,6 +286,9 @@ def run(
         per_row: forward only: also return the ``(N * D,)`` losses.
         stats: backward pass: the forward's ``(n * D, 2)`` statistics; the loss is not recomputed.
         gout: backward pass: upstream gradient, ``(n * D,)`` per computed position or ``(1,)`` for all.
+        on_rows: called after each chunk with ``(c1, grad_input)`` when every row is computed
+            (``p.rows`` None): rows ``[0, c1)`` of the input gradient are final (the vocabulary-parallel
+            backward starts their all-reduce while the later chunks compute).
     """
     forward = stats is None
     sums = _allocate(p, need, forward, per_row)
@@ -307,6 +312,8 @@ def run(
             eng.ce_bwd(x3, tc, p.spec, stats[c0 * D : c1 * D], g, coef, x3, None)
         if any(need):
             _chunk_grads(p, logits, xc, idx, sums, c0, c1)
+        if on_rows is not None and p.rows is None and sums.gi is not None:
+            on_rows(c1, sums.gi)
     buf = logits = x3 = None  # free the chunk buffer before the accumulator's cast allocates the result
     gw, gb = sums.gw, sums.gb
     if gw is not None and gw.dtype != p.w.dtype:

@@ -331,17 +331,44 @@ class VocabParallelLinearCE(torch.autograd.Function):
         spec = CESpec(weight, wsum, *ctx.opts, *ctx.bounds)
         coef = norm[2:3] if ctx.reduction == "mean" else torch.ones(1, dtype=acc, device=x.device)
         chunk, wgrad = ctx.plan
+        reduce_rows = _RowsAllReduce(x.shape[0], ctx.group)
         if w.shape[0]:
             p = ctx.chunks.Problem(x, w, b, t, spec, w.shape[0], None, x.shape[0], chunk, wgrad)
-            res = ctx.chunks.run(ctx.eng, p, coef, need, stats=stats, gout=gout.reshape(-1).to(acc).contiguous())
+            res = ctx.chunks.run(ctx.eng, p, coef, need, stats=stats, gout=gout.reshape(-1).to(acc).contiguous(),
+                                 on_rows=reduce_rows.ready if need[0] else None)  # fmt: skip
             gi, gw, gb = res.grads
         else:  # an empty slice of the vocabulary: no logits, but the input gradient's all-reduce still runs
             gi = torch.zeros_like(x) if need[0] else None
             gw = torch.zeros_like(w) if need[1] else None
             gb = torch.zeros_like(b) if need[2] else None
         if gi is not None:
-            dist.all_reduce(gi, op=dist.ReduceOp.SUM, group=ctx.group)
+            reduce_rows.ready(x.shape[0], gi)
+            reduce_rows.wait()
         return gi, gw, gb, *(None,) * 9
+
+
+class _RowsAllReduce:
+    """The input gradient's sum over the ranks, in ``PIECES`` row ranges fixed by the row count alone
+    (every rank issues the same collectives in the same order, whatever its own chunking), each started
+    (``async_op``) as soon as the chunk loop has finished its rows, so the all-reduce of the first rows
+    overlaps the later chunks' GEMMs (and the weight gradient's)."""
+
+    PIECES = 4
+
+    def __init__(self, n: int, group):
+        k = min(self.PIECES, n)
+        self.bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+        self.group, self.handles = group, []
+
+    def ready(self, done: int, gi: torch.Tensor) -> None:
+        """Rows ``[0, done)`` of ``gi`` are final: start the pieces they complete."""
+        while len(self.handles) < len(self.bounds) and self.bounds[len(self.handles)][1] <= done:
+            a, b = self.bounds[len(self.handles)]
+            self.handles.append(dist.all_reduce(gi[a:b], op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+
+    def wait(self) -> None:
+        for h in self.handles:
+            h.wait()
 
 
 def _row_shard_dim(w) -> int | None:
