@@ -173,3 +173,38 @@ def test_chunk_loop_reports_finished_input_grad_rows():
                      on_rows=lambda done, gi: seen.append((done, gi.shape)))  # fmt: skip
     assert seen == [(4, (10, 4)), (8, (10, 4)), (10, (10, 4))]
     assert res.grads[0].shape == (10, 4)
+
+
+def test_nn_modules_take_a_process_group(tmp_path):
+    """``nn.CrossEntropyLoss(process_group=...)`` / ``nn.LinearCrossEntropyLoss(process_group=...)`` (options
+    form) run the vocabulary-parallel path: on a one-rank gloo group it is the whole vocabulary."""
+    from tests.helpers import run_isolated
+
+    code = f"""
+import torch, torch.distributed as dist, torch.nn.functional as F, triton_losses
+from triton_losses import parallel
+dist.init_process_group("gloo", init_method="file://{tmp_path / "rdv"}", rank=0, world_size=1)
+pg = dist.group.WORLD
+calls = []
+real = parallel.slice_bounds
+parallel.slice_bounds = lambda *a: calls.append(a) or real(*a)
+x = torch.randn(6, 11, requires_grad=True); t = torch.randint(0, 11, (6,))
+m = triton_losses.nn.CrossEntropyLoss(label_smoothing=0.1, process_group=pg)
+assert m.process_group is pg and "process_group" not in m.state_dict()
+loss = m(x, t); loss.backward()
+torch.testing.assert_close(loss, F.cross_entropy(x, t, label_smoothing=0.1))
+h, W = torch.randn(6, 4), torch.randn(11, 4, requires_grad=True)
+lm = triton_losses.nn.LinearCrossEntropyLoss(process_group=pg)
+torch.testing.assert_close(lm(h, W, t), F.cross_entropy(h @ W.t(), t))
+assert len(calls) == 2, calls
+try:
+    triton_losses.nn.LinearCrossEntropyLoss(4, 11, process_group=pg)
+except TypeError as e:
+    assert "options-only form" in str(e)
+else:
+    raise AssertionError("no TypeError")
+dist.destroy_process_group()
+print("ok")
+"""
+    proc = run_isolated(code, timeout=120, env={"TRITON_LOSSES_BACKEND": "torch"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

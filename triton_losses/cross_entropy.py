@@ -319,7 +319,8 @@ class CrossEntropyLoss(_nn.CrossEntropyLoss):
 
     ``forward(input, target)``: logits ``(N, C)`` / ``(N, C, d1..dk)`` / ``(C,)`` and class indices
     ``(N,)`` / ``(N, d1..dk)`` / ``()`` or probabilities of the logits' shape. Extra keyword-only
-    arguments: ``z_loss``, ``softcap`` and ``inplace_backward``, as in :func:`cross_entropy`.
+    arguments: ``z_loss``, ``softcap``, ``inplace_backward`` and ``process_group`` (the logits are this
+    rank's slice of the classes; not part of the ``state_dict``), as in :func:`cross_entropy`.
     """
 
     def __init__(
@@ -334,11 +335,13 @@ class CrossEntropyLoss(_nn.CrossEntropyLoss):
         z_loss: float = 0.0,
         softcap: float | None = None,
         inplace_backward: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
         self.inplace_backward = inplace_backward
+        self.process_group = process_group
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(
@@ -351,6 +354,7 @@ class CrossEntropyLoss(_nn.CrossEntropyLoss):
             z_loss=self.z_loss,
             softcap=self.softcap,
             inplace_backward=self.inplace_backward,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -361,4 +365,6 @@ class CrossEntropyLoss(_nn.CrossEntropyLoss):
             extras.append(f"softcap={self.softcap}")
         if self.inplace_backward:
             extras.append("inplace_backward=True")
+        if self.process_group is not None:
+            extras.append("process_group=...")
         return ", ".join(extras)

@@ -336,8 +336,9 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or _nn.modules.loss._W
     called as ``loss(input, linear_weight, target, linear_bias=None)``, so the caller's ``lm_head``
     weight is passed in and no ``(N, V)`` logits are ever held.
 
-    Extra keyword-only arguments: ``z_loss``, ``softcap``, ``chunk_size`` and ``fp32_weight_grad``,
-    as in the function.
+    Extra keyword-only arguments: ``z_loss``, ``softcap``, ``chunk_size``, ``fp32_weight_grad`` and,
+    for the options-only form, ``process_group`` (the ``linear_weight`` passed in is this rank's rows
+    of the lm_head), as in the function.
     """
 
     def __init__(
@@ -358,7 +359,13 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or _nn.modules.loss._W
         softcap: float | None = None,
         chunk_size: int | None = None,
         fp32_weight_grad: bool | None = None,
+        process_group=None,
     ) -> None:
+        if process_group is not None and in_features is not None:
+            raise TypeError(
+                "LinearCrossEntropyLoss: process_group needs the options-only form (pass this rank's "
+                "lm_head rows to forward), not in_features / num_classes"
+            )
         if (in_features is None) != (num_classes is None):
             raise TypeError("LinearCrossEntropyLoss: give both in_features and num_classes, or neither")
         if in_features is None and tuple(out_features):
@@ -373,6 +380,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or _nn.modules.loss._W
             self._init_like_torch(in_features, num_classes, tuple(out_features), bias, device, dtype, options, **kw)
         self.z_loss, self.softcap, self.chunk_size = z_loss, softcap, chunk_size
         self.fp32_weight_grad = fp32_weight_grad
+        self.process_group = process_group
 
     def _init_like_torch(self, in_features, num_classes, out_features, bias, device, dtype, options, *,
                          reduction, weight, ignore_index, label_smoothing) -> None:  # fmt: skip
@@ -403,7 +411,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or _nn.modules.loss._W
             input, linear_weight, target, linear_bias=linear_bias, weight=self.weight, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, options=self.options,
             z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size,
-            fp32_weight_grad=self.fp32_weight_grad,
+            fp32_weight_grad=self.fp32_weight_grad, process_group=self.process_group,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -416,4 +424,6 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or _nn.modules.loss._W
         extras = dict(z_loss=self.z_loss or None, softcap=self.softcap, chunk_size=self.chunk_size,
                       fp32_weight_grad=self.fp32_weight_grad)  # fmt: skip
         parts += [f"{k}={v}" for k, v in extras.items() if v is not None]
+        if self.process_group is not None:
+            parts.append("process_group=...")
         return ", ".join(parts)
