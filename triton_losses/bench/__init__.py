@@ -14,6 +14,7 @@ Files, by what they hold:
 Nothing here is imported by ``import triton_losses``.
 """
 
+from . import ops as _ops  # noqa: F401  (registers the built-in ops; registry.py imports nothing of them)
 from .registry import MODES, OPS, Case, Op, Size, get_ops, register
 
 __all__ = ["MODES", "OPS", "Case", "Op", "Size", "get_ops", "register"]

@@ -113,8 +113,6 @@ def register(op: Op) -> Op:
 
 def get_ops(names: list[str] | None = None) -> list[Op]:
     """The registered ops in registration order, or those named (``ValueError`` for an unknown name)."""
-    from . import ops as _ops  # noqa: F401  (registers the built-in ops)
-
     if not names:
         return list(OPS.values())
     unknown = [n for n in names if n not in OPS]
