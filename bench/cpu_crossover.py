@@ -1,14 +1,16 @@
 """Where the CPU fallback overtakes torch: the sizes behind ``_dispatch.TORCH_FASTER_BELOW``.
 
 For each op of the table (the regression, margin and embedding losses), forward + backward with
-'mean' at E = 2**10 ... 2**24 elements (``(E / 256, 256)`` inputs, the bench's own input builders,
+'mean' at E = 2**10 ... 2**24 elements (``(E / W, W)`` inputs, the bench's own input builders,
 fp32, one thread), the PyTorch reference (``TORCH_FASTER_BELOW`` emptied, so it serves every size)
 against torch's own function. Wall-clock medians; the two alternate call by call, so a busy spell
 on a shared machine slows both. An op's crossover is the smallest measured size from which the
 reference is at least as fast at every larger measured size; torch serves the calls below it. An op
 the reference never overtakes up to the largest size gets 2**62 (torch serves every call). The sweep
 runs ``--repeats`` times (large sizes vary by tens of percent from run to run on this machine) and
-each op takes the largest of its crossovers: where any run found torch faster, torch serves.
+each op takes the largest of its crossovers: where any run found torch faster, torch serves. Rows are
+W = 256 wide; the row losses (whose speed depends on the row length) are also measured at W = 65536
+(the bench's LM-like rows; ``(1, E)`` below that) and take the larger crossover of the two widths.
 
 Writes ``bench/results/cpu-crossover.json`` and ``.md`` (CPU, versions, date, commit) and prints the
 table to paste into ``triton_losses/_dispatch.py``. Run: ``python bench/cpu_crossover.py``.
@@ -37,6 +39,9 @@ OPS = (
 )  # fmt: skip
 # triplet_margin_with_distance_loss (distance_function=None) is triplet_margin_loss's path; it shares its entry.
 ALIASES = {"triplet_margin_with_distance_loss": "triplet_margin_loss"}
+ROW_LOSSES = {"multilabel_soft_margin_loss", "multi_margin_loss", "multilabel_margin_loss", "cosine_embedding_loss",
+              "triplet_margin_loss"}  # fmt: skip
+WIDTHS = (256, 65536)
 ALWAYS = 2**62
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,9 +54,9 @@ def _step(fn, case) -> float:
     return time.perf_counter() - t0
 
 
-def measure(op, E: int, budget_s: float) -> tuple[float, float]:
-    """Median seconds of one forward + backward: (the reference, torch)."""
-    case = op.inputs(Size(max(1, E // 256), min(E, 256)), torch.float32, torch.device("cpu"))
+def measure(op, E: int, W: int, budget_s: float) -> tuple[float, float]:
+    """Median seconds of one forward + backward of ``(E / W, W)`` inputs: (the reference, torch)."""
+    case = op.inputs(Size(max(1, E // W), min(E, W)), torch.float32, torch.device("cpu"))
     for _ in range(2):  # warm-up: allocator, first-call paths
         _step(op.ours, case), _step(op.torch, case)
     ours, theirs = [], []
@@ -77,23 +82,24 @@ def main() -> None:
     ap.add_argument("--ops", nargs="+", default=list(OPS))
     ap.add_argument("--exponents", nargs="+", type=int, default=[10, 12, 14, 16, 18, 20, 22, 24])
     ap.add_argument("--budget-s", type=float, default=0.4, help="seconds per op and size (at least 5 calls each)")
-    ap.add_argument("--repeats", type=int, default=2, help="whole sweeps; each op takes its largest crossover")
+    ap.add_argument("--repeats", type=int, default=3, help="whole sweeps; each op takes its largest crossover")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu-crossover"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     _dispatch.TORCH_FASTER_BELOW.clear()
     ops = {op.name: op for op in get_ops(args.ops)}
-    results, table = {name: [] for name in args.ops}, dict.fromkeys(args.ops, 0)
+    series = [(name, W) for name in args.ops for W in (WIDTHS if name in ROW_LOSSES else WIDTHS[:1])]
+    results, table = {f"{name} W={W}": [] for name, W in series}, dict.fromkeys(args.ops, 0)
     for rep in range(args.repeats):
-        for name in args.ops:
+        for name, W in series:
             rows = []
             for e in args.exponents:
-                ours, theirs = measure(ops[name], 2**e, args.budget_s)
+                ours, theirs = measure(ops[name], 2**e, W, args.budget_s)
                 rows.append({"E": 2**e, "ours_s": ours, "torch_s": theirs})
-                print(f"[{rep + 1}/{args.repeats}] {name:28s} E=2^{e:<2d} ours {ours * 1e3:9.3f} ms  "
+                print(f"[{rep + 1}/{args.repeats}] {name:28s} W={W:<5d} E=2^{e:<2d} ours {ours * 1e3:9.3f} ms  "
                       f"torch {theirs * 1e3:9.3f} ms  speed-up {theirs / ours:5.2f}x", flush=True)  # fmt: skip
-            results[name].append(rows)
+            results[f"{name} W={W}"].append(rows)
             table[name] = max(table[name], crossover(rows))
     for alias, name in ALIASES.items():
         if name in table:
@@ -124,10 +130,11 @@ def main() -> None:
         "| op | " + " | ".join(f"2^{e}" for e in args.exponents) + " | torch below |",
         "|---" * (len(args.exponents) + 2) + "|",
     ]
-    for name, runs in results.items():
+    for key, runs in results.items():
+        name = key.split(" W=")[0]
         cells = [" / ".join(f"{r['torch_s'] / r['ours_s']:.2f}x" for r in at) for at in zip(*runs)]
         below = "always" if table[name] == ALWAYS else f"2^{table[name].bit_length() - 1}"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {below} |")
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {below} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("TORCH_FASTER_BELOW = {")
     for name, below in table.items():
