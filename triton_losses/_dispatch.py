@@ -128,8 +128,13 @@ def tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _mode_value() -> str:
+    """``TRITON_LOSSES_BACKEND`` as written (normalised, not checked)."""
+    return os.environ.get("TRITON_LOSSES_BACKEND", "auto").strip().lower() or "auto"
+
+
 def _mode() -> str:
-    mode = os.environ.get("TRITON_LOSSES_BACKEND", "auto").strip().lower() or "auto"
+    mode = _mode_value()
     if mode not in _BACKENDS:
         raise ValueError(f"TRITON_LOSSES_BACKEND must be one of {_BACKENDS}, got {mode!r}")
     return mode
@@ -149,7 +154,7 @@ def torch_serves(op: str, x) -> bool:
         return False
     if x.dtype not in (torch.float32, torch.float64) or not 0 < x.numel() < below:
         return False
-    mode = os.environ.get("TRITON_LOSSES_BACKEND", "auto").strip().lower() or "auto"
+    mode = _mode_value()
     return mode == "torch" or (mode == "auto" and not (interpreting() and triton_available()))
 
 

@@ -277,18 +277,10 @@ def triplet_margin_with_distance_loss(
     Returns:
         The loss (the dtype ``distance_function`` returns; the operands' promoted dtype for None).
     """
-    if _dispatch.torch_serves(
-        "triplet_margin_with_distance_loss", anchor
-    ):  # small CPU calls: torch's own function is faster
-        return F.triplet_margin_with_distance_loss(
-            anchor,
-            positive,
-            negative,
-            distance_function=distance_function,
-            margin=margin,
-            swap=swap,
-            reduction=reduction,
-        )
+    # small CPU calls: torch's own function is faster
+    if _dispatch.torch_serves("triplet_margin_with_distance_loss", anchor):
+        return F.triplet_margin_with_distance_loss(anchor, positive, negative, distance_function=distance_function,
+                                                   margin=margin, swap=swap, reduction=reduction)  # fmt: skip
     a_dim, p_dim, n_dim = anchor.ndim, positive.ndim, negative.ndim
     kwargs = dict(distance_function=distance_function, margin=margin, swap=swap, reduction=reduction)
     valid = reduction in ("mean", "sum", "none") and margin > 0 and a_dim == p_dim == n_dim
