@@ -644,7 +644,7 @@ _VARIANT_FLAGS = {
 # (the gradient pass re-reads the row: with one program per block, the ~6-8 programs resident per SM
 # keep 200-270 MB of LM rows in flight, past any L2, so that second read goes to HBM). Shorter rows,
 # and loss-only forwards (one read per row), keep one program per block. Not yet measured on a GPU:
-# `bash bench/gpu_session.sh` sweeps both variants at V = 32000, 128256, 262144 and prints the table.
+# `bash bench/gpu_session.sh` sweeps every variant at V = 32000, 128256, 262144 and prints the table.
 PERSISTENT_MIN_ROW_BYTES = 32 * 1024
 _PROGRAMS_PER_SM = 8  # the persistent grid's ceiling: SMs x this
 
