@@ -1,6 +1,7 @@
 """One rank of the vocabulary-parallel tests: ``python -m tests.parallel_worker RANK WORLD INIT SUITES``.
 
-``SUITES``: comma-separated ``cases``, ``comm``, ``dtensor``, ``linear`` (``nccl:`` first: NCCL on ``cuda:<rank>``).
+``SUITES``: comma-separated ``cases``, ``comm``, ``dtensor``, ``linear``, ``nosync`` (the kernels only; ``nccl:``
+first: NCCL on ``cuda:<rank>``).
 
 Every rank builds the same full tensors from a shared seed, keeps its slice of the classes, runs
 ``triton_losses.cross_entropy(..., process_group=...)`` (or a ``DTensor`` input) and compares the loss
@@ -317,6 +318,86 @@ def run_linear(rank: int, world: int, V: int = 13, N: int = 5, H: int = 6) -> in
     return len(LINEAR_CASES)
 
 
+def run_no_host_sync(rank: int, world: int) -> int:
+    """On the kernels, with the value checks off as on CUDA by default: a plain process group's call (and its
+    backward) reads nothing back to the host and builds no tensor from host data, for ``cross_entropy`` and
+    ``linear_cross_entropy``; the slice's bounds stay on the device. A weight of the wrong length then fails
+    on the device (``torch._assert_async``) after the same collectives on every rank."""
+    from tests.op_counts import HOST_SYNCS, count_ops
+    from triton_losses import _checks, parallel
+    from triton_losses.kernels import cross_entropy as k
+
+    launchers = [(k, name) for name in ("ce_partial", "ce_bwd", "ce_norm", "ce_finish", "scale_")]
+    patch = _MonkeyPatch()
+    for module in (_checks, parallel):
+        patch.setattr(module, "eager_checks", lambda device: False)
+    patch.setattr(parallel, "slice_bounds", _recording_bounds(parallel.slice_bounds))
+    V, N, H = 13, 4, 6
+    sizes = _split(V, world)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    pg = dist.group.WORLD
+    try:
+        x, t, w, _ = _full(600, N, V, 0, torch.float32, False, True, True)
+        opts = dict(label_smoothing=0.1, z_loss=1e-3)
+        xl = x[:, lo:hi].clone().requires_grad_(True)
+        ops, launches = count_ops(
+            lambda: triton_losses.cross_entropy(xl, t, w, **opts, process_group=pg).backward(), launchers, patch
+        )
+        assert not HOST_SYNCS & set(ops), ops
+        assert launches["ce_partial"] == 1 and launches["ce_bwd"] == 1, launches
+        _, gref = _loss_and_grad(_single, x.double(), t, w.double(), None, opts)
+        budget_close(xl.grad, gref[:, lo:hi], _loss_and_grad(_single, x, t, w, None, opts)[1][:, lo:hi])
+        g = torch.Generator().manual_seed(601)
+        h, W = torch.randn(N, H, generator=g).to(DEVICE), (torch.randn(V, H, generator=g) / 3).to(DEVICE)
+        leaves = [h.clone().requires_grad_(True), W[lo:hi].clone().requires_grad_(True)]
+        ops, _ = count_ops(
+            lambda: triton_losses.linear_cross_entropy(*leaves, t, weight=w, **opts, process_group=pg).backward(),
+            launchers, patch,
+        )  # fmt: skip
+        assert not HOST_SYNCS & set(ops), ops
+        assert all(isinstance(b, torch.Tensor) and b.shape == (2,) for b in _recording_bounds.seen), "host bounds"
+        assert [b.tolist() for b in _recording_bounds.seen] == [[lo, V], [lo, V]], _recording_bounds.seen
+        if DEVICE.type == "cuda":  # there the failed assert would end the process's CUDA context
+            return 1
+        try:
+            triton_losses.cross_entropy(xl, t, w[:-1], process_group=pg)
+        except RuntimeError as e:
+            assert "weight tensor should be defined" in str(e), e
+        else:
+            raise AssertionError("a weight of V - 1 classes was accepted")
+    finally:
+        patch.undo()
+    return 1
+
+
+class _MonkeyPatch:
+    """``setattr`` with ``undo`` (``count_ops`` wraps its launchers through it)."""
+
+    def __init__(self):
+        self._saved = []
+
+    def setattr(self, obj, name, value):
+        self._saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def undo(self):
+        for obj, name, value in reversed(self._saved):
+            setattr(obj, name, value)
+        self._saved.clear()
+
+
+def _recording_bounds(real):
+    """``slice_bounds`` that keeps what it returned in ``_recording_bounds.seen``."""
+    _recording_bounds.seen = []
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        _recording_bounds.seen.append(out)
+        return out
+
+    return wrapped
+
+
 def main() -> None:
     rank, world, init, suite = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     backend = "nccl" if suite.startswith("nccl:") else "gloo"
@@ -326,7 +407,8 @@ def main() -> None:
         torch.cuda.set_device(DEVICE)
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
-        suites = {"cases": run_cases, "comm": run_comm_debug, "dtensor": run_dtensor, "linear": run_linear}
+        suites = {"cases": run_cases, "comm": run_comm_debug, "dtensor": run_dtensor, "linear": run_linear,
+                  "nosync": run_no_host_sync}  # fmt: skip
         done = [f"{name}:{suites[name](rank, world)}" for name in suite.removeprefix("nccl:").split(",")]
         dist.barrier()
     finally:

@@ -58,7 +58,7 @@ def _needs(backend: str) -> None:
 
 
 # suite -> cases each rank must report (tests/parallel_worker.py).
-EXPECTED = {"cases": 10, "comm": 1, "dtensor": 8, "linear": 5}
+EXPECTED = {"cases": 10, "comm": 1, "dtensor": 8, "linear": 5, "nosync": 1}
 
 
 def _assert_done(outs: list[str], suites: str) -> None:
@@ -72,7 +72,7 @@ def test_two_ranks(backend, tmp_path):
     gradients against one process, collectives counted), DTensor inputs against ``loss_parallel()`` and a
     ``ColwiseParallel`` lm_head, and ``linear_cross_entropy``."""
     _needs(backend)
-    suites = "cases,comm,dtensor,linear"
+    suites = "cases,comm,dtensor,linear" + (",nosync" if backend == "triton" else "")
     _assert_done(_launch(2, suites, backend, tmp_path, timeout=240.0), suites)
 
 
@@ -89,7 +89,7 @@ def test_four_ranks_with_an_empty_slice(backend, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_nccl_two_gpus(tmp_path):
     """The index / probability cases and ``linear_cross_entropy`` with NCCL on two GPUs (kernels compiled)."""
-    suites = "nccl:cases,linear"
+    suites = "nccl:cases,linear,nosync"
     _assert_done(_launch(2, suites, "triton", tmp_path, timeout=300.0), suites)
 
 
@@ -110,6 +110,8 @@ def test_opcheck_parallel_custom_ops():
     wsum = w.sum().reshape(1)
     args = (x, t, w, wsum, stats, gout, None, -100, 0.1, 1e-3, 3.0, False, False, False, 4, 9)
     torch.library.opcheck(k.ce_bwd_op, args)
+    torch.library.opcheck(k.ce_bwd_op, (*args[:-2], 0, 0, torch.tensor([4, 9])))
+    torch.library.opcheck(k.ce_partial_op, (x, t, w, 0.1, 3.0, False, 0, torch.tensor([4, 9])))
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -135,6 +137,32 @@ def test_partial_sums_of_a_slice(backend):
     want = torch.stack([m, (xs - m[:, None]).exp().sum(1), x_t, xs @ w[lo:hi].double()], 1)
     torch.testing.assert_close(part[:, :4].double(), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(part[:, 4:], torch.zeros(6, 2))
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("prob", [False, True])
+def test_device_bounds_match_integer_bounds(backend, prob):
+    """A slice given as a ``(2,)`` device tensor (``CESpec.bounds``: a plain process group on the kernels)
+    gives exactly what the same slice given as integers gives, forward partial sums and backward."""
+    _needs(backend)
+    from triton_losses import _dispatch
+    from triton_losses.options import CESpec
+
+    eng = _dispatch._KERNELS["cross_entropy"] if backend == "triton" else _dispatch._REFERENCE["cross_entropy"]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 5, 1, generator=g) * 3
+    w = torch.rand(11, generator=g) + 0.5
+    t = torch.softmax(torch.randn(6, 5, 1, generator=g), 1) if prob else torch.tensor([0, 4, 5, 8, -100, 10])[:, None]
+    opts = dict(smoothing=0.1, z_loss=1e-3, softcap=5.0, prob_target=prob)
+    ints = CESpec(w, w.sum().reshape(1), **opts, class_offset=4, num_classes=11)
+    dev = CESpec(w, w.sum().reshape(1), **opts, bounds=torch.tensor([4, 11]))
+    assert torch.equal(eng.ce_partial(x, t, ints), eng.ce_partial(x, t, dev))
+    stats = torch.stack([x.amax((1, 2)) + 0.5, torch.full((6,), 30.0), torch.full((6,), 0.7)], 1)
+    gout = torch.randn(6, generator=g)
+    want = eng.ce_bwd(x, t, ints, stats, gout, None, None, torch.empty_like(x) if prob else None)
+    got = eng.ce_bwd(x, t, dev, stats, gout, None, None, torch.empty_like(x) if prob else None)
+    for a, b in zip(want, got, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_input_grad_all_reduce_starts_piece_by_piece(monkeypatch):
@@ -187,7 +215,7 @@ dist.init_process_group("gloo", init_method="file://{tmp_path / "rdv"}", rank=0,
 pg = dist.group.WORLD
 calls = []
 real = parallel.slice_bounds
-parallel.slice_bounds = lambda *a: calls.append(a) or real(*a)
+parallel.slice_bounds = lambda *a, **k: calls.append(a) or real(*a, **k)
 x = torch.randn(6, 11, requires_grad=True); t = torch.randint(0, 11, (6,))
 m = triton_losses.nn.CrossEntropyLoss(label_smoothing=0.1, process_group=pg)
 assert m.process_group is pg and "process_group" not in m.state_dict()

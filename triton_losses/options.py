@@ -42,6 +42,10 @@ class CESpec(NamedTuple):
             ``weight`` is the global ``(C,)`` tensor, ``weight_sum`` its global sum, targets are
             global indices, and the backward's statistics are the global ``(R, 3)`` = max, sum-exp,
             smoothed ``sum_c w_c t_c``); 0 when the logits hold every class.
+        bounds: the slice as a ``(2,)`` int64 device tensor ``[class_offset, num_classes]``, in place
+            of the two integers (then both stay 0): what a vocabulary-parallel call over a plain
+            process group has without reading the ranks' class counts back to the host. Only the
+            kernels take it; the reference engine is given the integers.
     """
 
     weight: torch.Tensor | None = None
@@ -54,6 +58,20 @@ class CESpec(NamedTuple):
     logp_input: bool = False
     class_offset: int = 0
     num_classes: int = 0
+    bounds: torch.Tensor | None = None
+
+
+def is_slice(spec: CESpec) -> bool:
+    """Whether ``spec``'s logits are one slice of the classes (vocabulary parallel)."""
+    return spec.num_classes > 0 or spec.bounds is not None
+
+
+def host_slice(spec: CESpec) -> CESpec:
+    """``spec`` with device ``bounds`` read back into ``class_offset`` / ``num_classes`` (a host read)."""
+    if spec.bounds is None:
+        return spec
+    offset, total = (int(v) for v in spec.bounds.tolist())
+    return spec._replace(class_offset=offset, num_classes=total, bounds=None)
 
 
 class RegressionOptions(NamedTuple):

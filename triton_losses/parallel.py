@@ -9,9 +9,10 @@ all-reduces of ``O(rows)`` values make them global:
    (only the columns the options need), from which every rank computes the same per-row loss.
 
 The backward needs no communication: the engine's ``ce_bwd`` writes the slice's gradient from the
-global statistics ``(M, S, S1)`` with ``CESpec.class_offset`` / ``num_classes`` set. The slice
-bounds come from one all-gather of the ranks' class counts (``world_size`` integers, read on the
-host) for a plain tensor, and from the placement's metadata for a ``DTensor`` (no communication).
+global statistics ``(M, S, S1)`` with the slice's bounds in the ``CESpec``. For a plain tensor the
+bounds come from one all-gather of the ranks' class counts (``world_size`` integers): on the
+kernels they stay on the device (``CESpec.bounds``, read by the kernels; no host sync), the
+reference reads them back. A ``DTensor``'s placement gives them as integers (no communication).
 """
 
 from __future__ import annotations
@@ -21,28 +22,43 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import _dispatch
-from ._checks import FLOAT_DTYPES, as_3d, check_target_range
+from ._checks import FLOAT_DTYPES, as_3d, check_target_range, eager_checks
 from ._precision import acc_dtype
 from .options import CEOptions, CESpec
 
 __all__ = ["cross_entropy", "is_class_sharded", "is_row_sharded", "linear_cross_entropy", "slice_bounds"]
 
 
-def slice_bounds(local_classes: int, group, device: torch.device) -> tuple[int, int]:
-    """``(offset, total)``: this rank's first global class and the global class count.
+def slice_bounds(local_classes: int, group, device: torch.device, on_host: bool = True):
+    """This rank's first global class and the global class count, from one all-gather of the counts.
 
     Args:
         local_classes: the class count of this rank's slice.
         group: the ``ProcessGroup`` the classes are split over (slices in rank order).
         device: where the collective runs (the logits' device: CPU for gloo, CUDA for NCCL).
+        on_host: read the counts back (``(offset, total)`` as integers), or keep them on the device:
+            a ``(2,)`` int64 tensor ``[offset, total]`` (no host sync).
     """
-    world = dist.get_world_size(group)
-    mine = torch.tensor([local_classes], dtype=torch.int64, device=device)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = torch.full((1,), local_classes, dtype=torch.int64, device=device)  # not built from host data
     sizes = torch.empty(world, dtype=torch.int64, device=device)
     dist.all_gather_into_tensor(sizes, mine, group=group)
-    counts = sizes.tolist()
-    rank = dist.get_rank(group)
-    return sum(counts[:rank]), sum(counts)
+    if on_host:
+        counts = sizes.tolist()
+        return sum(counts[:rank]), sum(counts)
+    return torch.stack((sizes[:rank].sum(), sizes.sum()))
+
+
+def _spec(weight, opts: CEOptions, bounds) -> CESpec:
+    """The ``CESpec`` of a slice given as ``(offset, total)`` integers or as device ``bounds``."""
+    if isinstance(bounds, torch.Tensor):
+        return CESpec(weight, None, *opts, bounds=bounds)
+    return CESpec(weight, None, *opts, *bounds)
+
+
+def _total(bounds):
+    """The global class count: an integer, or a 0-d device tensor."""
+    return bounds[1]
 
 
 def _class_shard_dim(x) -> int | None:
@@ -120,8 +136,28 @@ def _local(v, name: str):
     return v
 
 
-def _check(x: torch.Tensor, t: torch.Tensor, weight, total: int, opts: CEOptions, reduction: str) -> None:
-    """The structural checks of a vocabulary-parallel call (torch's messages where torch has them)."""
+def _check_weight(weight, total) -> None:
+    """The global weight must have one entry per global class (``total``: an integer or a device count).
+
+    With the count on the device the check needs its value: read back where value checks read data
+    (:func:`eager_checks`: CPU tensors, or the opt-in), else a device-side assert, as for targets.
+    """
+    if weight is None:
+        return
+    if isinstance(total, torch.Tensor):
+        if weight.dim() == 1 and not eager_checks(total.device):
+            msg = "cross_entropy: weight tensor should be defined for all classes"
+            torch._assert_async(total == weight.numel(), msg)
+            return
+        total = int(total)
+    if weight.dim() != 1 or weight.numel() != total:
+        raise RuntimeError(f"weight tensor should be defined either for all {total} classes or no classes but "
+                           f"got weight tensor of shape: {list(weight.shape)}")  # fmt: skip
+
+
+def _check(x: torch.Tensor, t: torch.Tensor, weight, total, opts: CEOptions, reduction: str) -> None:
+    """The structural checks of a vocabulary-parallel call (torch's messages where torch has them);
+    ``total``: the global class count, an integer or a 0-d device tensor."""
     if x.dtype not in FLOAT_DTYPES or x.dim() == 0:
         raise ValueError(f"triton_losses.cross_entropy(process_group=...): input must be floating with a class "
                          f"dimension, got {x.dtype} of shape {tuple(x.shape)}")  # fmt: skip
@@ -129,9 +165,7 @@ def _check(x: torch.Tensor, t: torch.Tensor, weight, total: int, opts: CEOptions
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if not 0.0 <= opts.smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {opts.smoothing}")
-    if weight is not None and (weight.dim() != 1 or weight.numel() != total):
-        raise RuntimeError(f"weight tensor should be defined either for all {total} classes or no classes but "
-                           f"got weight tensor of shape: {list(weight.shape)}")  # fmt: skip
+    _check_weight(weight, total)
     if opts.prob_target:
         if opts.ignore_index >= 0:
             raise ValueError("ignore_index is not supported for floating point target")
@@ -148,29 +182,27 @@ class VocabParallelCE(torch.autograd.Function):
     """Autograd wrapper of one vocabulary-parallel cross-entropy call on this rank's ``(A, C_local, B)`` slice."""
 
     @staticmethod
-    def forward(ctx, x, t, weight, opts: CEOptions, eng, reduction: str, out_dtype, group, offset: int, total: int,
-                inplace: bool):  # fmt: skip
+    def forward(ctx, x, t, weight, opts: CEOptions, eng, reduction: str, out_dtype, group, bounds, inplace: bool):
         A, _, B = x.shape
-        norm, spec = _norm(eng, x, A, B, t, CESpec(weight, None, *opts, offset, total), reduction)
+        norm, spec = _norm(eng, x, A, B, t, _spec(weight, opts, bounds), reduction)
         rows, stats = _global_rows(eng.ce_partial(x, t, spec), t, spec, group)
         out = eng.ce_finish(rows, norm, spec, reduction, out_dtype)
         ctx.save_for_backward(x, t, weight, stats, norm)
-        ctx.opts, ctx.eng, ctx.reduction, ctx.bounds, ctx.inplace = opts, eng, reduction, (offset, total), inplace
+        ctx.opts, ctx.eng, ctx.reduction, ctx.bounds, ctx.inplace = opts, eng, reduction, bounds, inplace
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gout):
         x, t, weight, stats, norm = ctx.saved_tensors
-        offset, total = ctx.bounds
         wsum = norm[0:1] if norm is not None and weight is not None else None
-        spec = CESpec(weight, wsum, *ctx.opts, class_offset=offset, num_classes=total)
+        spec = _spec(weight, ctx.opts, ctx.bounds)._replace(weight_sum=wsum)
         coef = norm[2:3] if ctx.reduction == "mean" else None
         want_x, want_t = ctx.needs_input_grad[:2]
         tbuf = torch.empty(t.shape, dtype=t.dtype, device=t.device) if want_t else None
         buf = x if ctx.inplace and want_x else None
         grad, tgrad = ctx.eng.ce_bwd(x, t, spec, stats, gout.contiguous(), coef, buf, tbuf)
-        return (grad if want_x else None, tgrad) + (None,) * 9
+        return (grad if want_x else None, tgrad) + (None,) * 8
 
 
 def _norm(eng, x: torch.Tensor, A: int, B: int, t: torch.Tensor, spec: CESpec, reduction: str):
@@ -178,8 +210,10 @@ def _norm(eng, x: torch.Tensor, A: int, B: int, t: torch.Tensor, spec: CESpec, r
     ``spec`` with the global weight sum set."""
     if reduction != "mean" and not (spec.weight is not None and spec.smoothing > 0):
         return None, spec
-    whole = x.new_empty(()).expand(A, spec.num_classes, B)  # the global shape (ce_norm reads no logits)
-    norm = eng.ce_norm(whole, t, spec._replace(class_offset=0, num_classes=0), reduction == "mean")
+    # The global shape (ce_norm reads no logits; of the class count only the weights' length matters).
+    C = spec.num_classes if spec.bounds is None else (1 if spec.weight is None else spec.weight.numel())
+    whole = x.new_empty(()).expand(A, C, B)
+    norm = eng.ce_norm(whole, t, spec._replace(class_offset=0, num_classes=0, bounds=None), reduction == "mean")
     return norm, spec._replace(weight_sum=norm[0:1] if spec.weight is not None else None)
 
 
@@ -197,7 +231,7 @@ def _global_rows(part: torch.Tensor, t: torch.Tensor, spec: CESpec, group) -> tu
         spec: the call's options, with ``weight_sum`` set when the weights and smoothing need it.
         group: the process group.
     """
-    eps, total = spec.smoothing, spec.num_classes
+    eps, total = spec.smoothing, spec.num_classes if spec.bounds is None else spec.bounds[1]
     gmax = _all_reduce(part[:, 0].clone(), dist.ReduceOp.MAX, group)
     shift = gmax.masked_fill(gmax == float("-inf"), 0.0)
     cols = [part[:, 1] * torch.exp(part[:, 0] - shift)]
@@ -208,7 +242,10 @@ def _global_rows(part: torch.Tensor, t: torch.Tensor, spec: CESpec, group) -> tu
     S = sums[:, 0]
     logs = torch.log(S)
     lse = gmax + logs
-    wsum = float(total) if spec.weight is None else spec.weight_sum.to(S.dtype)
+    if spec.weight is not None:
+        wsum = spec.weight_sum.to(S.dtype)
+    else:
+        wsum = total.to(S.dtype) if isinstance(total, torch.Tensor) else float(total)
     if spec.prob_target:
         S1, S2 = sums[:, 1], sums[:, 2]
         if eps > 0:
@@ -260,13 +297,16 @@ def cross_entropy(input, target, weight, ignore_index: int, reduction: str, labe
     target, weight = _local(target, "target"), _local(weight, "weight")
     cdim = 1 if x_local.dim() >= 2 else 0
     prob = target.is_floating_point() and target.shape == x_local.shape
+    eng = _dispatch.engine("cross_entropy", x_local, target, weight, op="cross_entropy")
     if mesh is None:
-        offset, total = slice_bounds(x_local.shape[cdim] if x_local.dim() else 0, group, x_local.device)
+        bounds = slice_bounds(x_local.shape[cdim] if x_local.dim() else 0, group, x_local.device,
+                              on_host=eng is _dispatch.reference("cross_entropy"))  # fmt: skip
+    else:
+        bounds = (offset, total)
     opts = CEOptions(ignore_index=ignore_index, smoothing=float(label_smoothing), z_loss=float(z_loss),
                      softcap=None if softcap is None else float(softcap), prob_target=prob)  # fmt: skip
-    _check(x_local, target, weight, total, opts, reduction)
+    _check(x_local, target, weight, _total(bounds), opts, reduction)
     opts = opts._replace(smoothing=max(opts.smoothing, 0.0))
-    eng = _dispatch.engine("cross_entropy", x_local, target, weight, op="cross_entropy")
     x = as_3d(x_local, cdim)
     t = as_3d(target, cdim) if prob else target.reshape(x.shape[0], x.shape[2])
     out_dtype = x_local.dtype
@@ -277,7 +317,7 @@ def cross_entropy(input, target, weight, ignore_index: int, reduction: str, labe
         weight = weight.to(x_local.dtype) if weight.dtype != x_local.dtype else weight
     if weight is not None and weight.device != x.device:
         weight = weight.to(x.device)
-    out = VocabParallelCE.apply(x, t, weight, opts, eng, reduction, out_dtype, group, offset, total, inplace_backward)
+    out = VocabParallelCE.apply(x, t, weight, opts, eng, reduction, out_dtype, group, bounds, inplace_backward)
     if reduction == "none":
         out = out.reshape(x_local.shape[:1] + x_local.shape[2:] if x_local.dim() >= 2 else ())
     if mesh is not None:
@@ -302,7 +342,7 @@ class VocabParallelLinearCE(torch.autograd.Function):
         from . import _linear_ce_chunks as chunks
 
         N, V = x.shape[0], w.shape[0]
-        norm, spec = _norm(eng, x, N, 1, t, CESpec(weight, None, *opts, *bounds), reduction)
+        norm, spec = _norm(eng, x, N, 1, t, _spec(weight, opts, bounds), reduction)
         part = torch.empty(N, 6, dtype=acc_dtype(x.dtype), device=x.device)
         chunk = plan[0]
         buf = torch.empty(min(chunk, N), V, dtype=x.dtype, device=x.device) if N else None
@@ -328,7 +368,7 @@ class VocabParallelLinearCE(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[:3])
         acc = acc_dtype(x.dtype)
         wsum = norm[0:1] if norm is not None and weight is not None else None
-        spec = CESpec(weight, wsum, *ctx.opts, *ctx.bounds)
+        spec = _spec(weight, ctx.opts, ctx.bounds)._replace(weight_sum=wsum)
         coef = norm[2:3] if ctx.reduction == "mean" else torch.ones(1, dtype=acc, device=x.device)
         chunk, wgrad = ctx.plan
         reduce_rows = _RowsAllReduce(x.shape[0], ctx.group)
@@ -421,7 +461,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, r
         mesh = linear_weight.device_mesh
         group, total = mesh.get_group(mesh_dim), linear_weight.shape[0]
         step = -(-total // mesh.size(mesh_dim))
-        offset = min(mesh.get_local_rank(mesh_dim) * step, total)
+        bounds = (min(mesh.get_local_rank(mesh_dim) * step, total), total)
     else:
         group = process_group
     w, b = _local(linear_weight, "linear_weight"), _local(linear_bias, "linear_bias")
@@ -431,8 +471,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, r
             "triton_losses.linear_cross_entropy(process_group=...): expected input (..., H) and linear_weight "
             f"(V_local, H) of one dtype, got {tuple(x.shape)}, {tuple(w.shape)}"
         )
+    eng = _dispatch.engine("cross_entropy", x, w, t, op="linear_cross_entropy")
     if mesh_dim is None:
-        offset, total = slice_bounds(w.shape[0], group, w.device)
+        bounds = slice_bounds(w.shape[0], group, w.device, on_host=eng is _dispatch.reference("cross_entropy"))
     batch = tuple(x.shape[:-1])
     prob = t.is_floating_point() and tuple(t.shape) == (*batch, w.shape[0])
     ii = -100 if ignore_index is None else int(ignore_index)
@@ -443,12 +484,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, r
     x2 = x.reshape(-1, x.shape[-1])
     N = x2.shape[0]
     t2 = t.reshape(N, w.shape[0], 1) if prob else t.reshape(N, 1)
-    _check(x2.new_empty(()).expand(N, w.shape[0]), t2 if prob else t2.reshape(N), weight, total, opts, reduction)
+    _check(x2.new_empty(()).expand(N, w.shape[0]), t2 if prob else t2.reshape(N), weight, _total(bounds), opts,
+           reduction)  # fmt: skip
     opts = opts._replace(smoothing=max(opts.smoothing, 0.0))
-    eng = _dispatch.engine("cross_entropy", x2, w, t2, op="linear_cross_entropy")
     plan = (chunks.chunk_rows(N, w.shape[0], x2.element_size(), x2.device, chunk_size),
             chunks.weight_grad_dtype(w, fp32_weight_grad))  # fmt: skip
     out_dtype = torch.promote_types(x.dtype, t.dtype) if prob else x.dtype
-    out = VocabParallelLinearCE.apply(x2, w, b, t2, weight, eng, opts, reduction, out_dtype, group,
-                                      (offset, total), plan)  # fmt: skip
+    out = VocabParallelLinearCE.apply(x2, w, b, t2, weight, eng, opts, reduction, out_dtype, group, bounds, plan)
     return out.reshape(batch) if reduction == "none" else out

@@ -20,7 +20,8 @@ ROW_OPTIONS = assert_options(SimpleNamespace(is_cuda=True))
 def _ptrs(x: str, target: str) -> dict[str, str]:
     acc = "fp64" if x == "fp64" else "fp32"
     return dict(x_ptr=x, t_ptr=target, w_ptr="fp32", wsum_ptr=acc, loss_ptr=acc, stats_ptr=acc, g_ptr=x,
-                coef_ptr=acc, gout_ptr=acc, dt_ptr=target, out_ptr=acc, norm_ptr=acc, factor_ptr=acc)  # fmt: skip
+                coef_ptr=acc, gout_ptr=acc, dt_ptr=target, out_ptr=acc, norm_ptr=acc, factor_ptr=acc,
+                bounds_ptr="i64")  # fmt: skip
 
 
 def _scalars(C: int, B: int = 1, prob: bool = False) -> dict:
@@ -51,7 +52,8 @@ def _row_cases(x: str, C: int, B: int, config: tuple, flags: dict, launch: str, 
                    vector_io=io, **common)  # fmt: skip
     for tgrad in ((False, True) if prob else (False,)) if with_bwd else ():
         io = (("store",) if logp else ("load", "store")) if vector_io else ()
-        yield case(k._ce_bwd_kernel, constexprs=dict(flags, WRITE_TGRAD=tgrad, HAS_COEF=True, GIVEN_S1=False, **tile),
+        yield case(k._ce_bwd_kernel, constexprs=dict(flags, WRITE_TGRAD=tgrad, HAS_COEF=True, GIVEN_S1=False,
+                                                     SLICE_IN_MEMORY=False, **tile),
                    vector_io=io, **common)  # fmt: skip
 
 
@@ -72,19 +74,24 @@ def _reduction_cases(x: str):
 
 
 def _parallel_cases(x: str):
-    """The vocabulary-parallel launches at the LM shape: the partial sums per flag set, the backward
-    reading the global ``sum_c w_c t_c`` from ``(R, 3)`` statistics."""
+    """The vocabulary-parallel launches at the LM shape: the partial sums per flag set with the slice's
+    bounds read from the device (a plain process group), and with them as integers (a DTensor) for the
+    plain flags; the backward reading the global ``sum_c w_c t_c`` from ``(R, 3)`` statistics, both ways."""
     config = launch_config(VOCAB, 2, True)
     block_r, block_c, warps = config
     tile = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl.float64 if x == "fp64" else tl.float32)
-    for weight, prob, smoothing, cap in product((False, True), repeat=4):
+    sets = [(*v, True) for v in product((False, True), repeat=4)] + [(False, False, False, False, False)]
+    for weight, prob, smoothing, cap, in_memory in sets:
         flags = dict(HAS_WEIGHT=weight, PROB_TARGET=prob, HAS_SMOOTHING=smoothing, HAS_SOFTCAP=cap)
-        yield case(k._ce_partial_kernel, constexprs=dict(flags, **tile), ptrs=_ptrs(x, x if prob else "i64"),
-                   scalars=_scalars(VOCAB, 1, prob), num_warps=warps, launch=f"{ROWS}x{VOCAB}")  # fmt: skip
+        yield case(k._ce_partial_kernel, constexprs=dict(flags, SLICE_IN_MEMORY=in_memory, **tile),
+                   ptrs=_ptrs(x, x if prob else "i64"), scalars=_scalars(VOCAB, 1, prob), num_warps=warps,
+                   launch=f"{ROWS}x{VOCAB}")  # fmt: skip
     flags = dict(dict.fromkeys(FLAGS, False), PROB_TARGET=True, HAS_Z=True)
-    yield case(k._ce_bwd_kernel, constexprs=dict(flags, WRITE_TGRAD=True, HAS_COEF=True, GIVEN_S1=True, **tile),
-               ptrs=_ptrs(x, x), scalars=dict(_scalars(VOCAB, 1, True), s_st=3), num_warps=warps,
-               options=ROW_OPTIONS, launch=f"{ROWS}x{VOCAB}")  # fmt: skip
+    for in_memory in (False, True):
+        yield case(k._ce_bwd_kernel, constexprs=dict(flags, WRITE_TGRAD=True, HAS_COEF=True, GIVEN_S1=True,
+                                                     SLICE_IN_MEMORY=in_memory, **tile),
+                   ptrs=_ptrs(x, x), scalars=dict(_scalars(VOCAB, 1, True), s_st=3), num_warps=warps,
+                   options=ROW_OPTIONS, launch=f"{ROWS}x{VOCAB}")  # fmt: skip
 
 
 def cases():

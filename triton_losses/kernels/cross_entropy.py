@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._precision import acc_dtype
-from ..options import CESpec
+from ..options import CESpec, is_slice
 from ..reference import cross_entropy as _reference
 from ._common import (
     NEG_INF,
@@ -351,9 +351,10 @@ def _ce_bwd_kernel(
     dt_ptr, s_da, s_dc, s_db,  # gradient w.r.t. probability targets (A, C, B), when WRITE_TGRAD
     R, C, B, ignore_index, smoothing, z_loss, softcap,
     c_off, NC,  # global index of the first local class, global class count (C, 0 for a whole row)
+    bounds_ptr,  # (2,) int64 [c_off, NC] on the device, read instead of the two scalars when SLICE_IN_MEMORY
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    WRITE_TGRAD: tl.constexpr, HAS_COEF: tl.constexpr, GIVEN_S1: tl.constexpr,
+    WRITE_TGRAD: tl.constexpr, HAS_COEF: tl.constexpr, GIVEN_S1: tl.constexpr, SLICE_IN_MEMORY: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Gradient of the per-row loss for ``BLOCK_R`` rows from the saved statistics.
@@ -362,6 +363,9 @@ def _ce_bwd_kernel(
     parallel): targets are global indices, the statistics global, and ``GIVEN_S1`` reads the
     probability targets' global ``sum_c w_c t_c`` from column 2 of the statistics.
     """
+    if SLICE_IN_MEMORY:  # the slice's bounds were computed on the device (no host read of them)
+        c_off = tl.load(bounds_ptr)
+        NC = tl.load(bounds_ptr + 1)
     rows, rmask = row_block(R, BLOCK_R)
     xoff = row_offsets(rows, B, s_xa, s_xb)
     toff = row_offsets(rows, B, s_ta, s_tb)
@@ -415,14 +419,18 @@ def _ce_partial_kernel(
     w_ptr, s_w,  # the global class weights (NC,) with their stride
     out_ptr,  # per-row partial sums (R, 6), fp32 (fp64 for fp64 logits)
     R, C, B, c_off, softcap,  # rows, local classes, spatial size, global index of the first local class
+    bounds_ptr,  # (2,) int64 [c_off, global classes] on the device, read instead of c_off when SLICE_IN_MEMORY
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, SLICE_IN_MEMORY: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """One read of a slice's rows: ``(m, sum exp(x - m), x_target, sum w x, sum w t, sum w t x)`` per row.
 
     The target logit is 0 when the target lies outside ``[c_off, c_off + C)``; probabilities are
     the raw (unsmoothed) ones. See ``reference.cross_entropy.ce_partial``.
     """
+    if SLICE_IN_MEMORY:
+        c_off = tl.load(bounds_ptr)
     rows, rmask = row_block(R, BLOCK_R)
     xoff = row_offsets(rows, B, s_xa, s_xb)
     toff = row_offsets(rows, B, s_ta, s_tb)
@@ -723,12 +731,17 @@ def ce_bwd(
             g_ptr=grad, s_ga=grad.stride(0), s_gc=grad.stride(1), s_gb=grad.stride(2),
             dt_ptr=dt, s_da=dt.stride(0), s_dc=dt.stride(1), s_db=dt.stride(2),
             R=R, C=C, B=B, **_scalars(spec), **_flags(spec),
-            c_off=spec.class_offset, NC=spec.num_classes or C,
+            c_off=spec.class_offset, NC=spec.num_classes or C, bounds_ptr=_bounds_ptr(spec, stats),
             WRITE_TGRAD=tgrad is not None, HAS_COEF=coef is not None,
-            GIVEN_S1=spec.prob_target and spec.num_classes > 0,
+            GIVEN_S1=spec.prob_target and is_slice(spec), SLICE_IN_MEMORY=spec.bounds is not None,
             BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps, **assert_options(x),
         )  # fmt: skip
     return grad, tgrad
+
+
+def _bounds_ptr(spec: CESpec, dummy: torch.Tensor) -> torch.Tensor:
+    """The device bounds of a vocabulary slice, or any tensor when the slice is given as integers."""
+    return spec.bounds if spec.bounds is not None else dummy
 
 
 def ce_partial(x: torch.Tensor, t: torch.Tensor, spec: CESpec) -> torch.Tensor:
@@ -754,9 +767,9 @@ def ce_partial(x: torch.Tensor, t: torch.Tensor, spec: CESpec) -> torch.Tensor:
             x_ptr=x, s_xa=x.stride(0), s_xc=x.stride(1), s_xb=x.stride(2),
             t_ptr=t, **_target_strides(t, spec.prob_target),
             w_ptr=w if w is not None else x, s_w=w.stride(0) if w is not None else 0, out_ptr=out,
-            R=R, C=C, B=B, c_off=spec.class_offset, softcap=spec.softcap or 1.0,
+            R=R, C=C, B=B, c_off=spec.class_offset, softcap=spec.softcap or 1.0, bounds_ptr=_bounds_ptr(spec, out),
             HAS_WEIGHT=w is not None, PROB_TARGET=spec.prob_target, HAS_SMOOTHING=spec.smoothing > 0.0,
-            HAS_SOFTCAP=spec.softcap is not None,
+            HAS_SOFTCAP=spec.softcap is not None, SLICE_IN_MEMORY=spec.bounds is not None,
             BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps,
         )  # fmt: skip
     return out
@@ -868,20 +881,19 @@ def ce_bwd_op(
     x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None, wsum: torch.Tensor | None,
     stats: torch.Tensor, gout: torch.Tensor, coef: torch.Tensor | None, ignore_index: int, smoothing: float,
     z_loss: float, softcap: float, prob: bool, logp: bool, want_tgrad: bool, class_offset: int = 0,
-    num_classes: int = 0,
+    num_classes: int = 0, bounds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(dlogits, dtarget)`` of :func:`ce_bwd`; ``dtarget`` is empty unless ``want_tgrad``."""
     spec = _op_spec(weight, wsum, ignore_index, smoothing, z_loss, softcap, prob, logp)
-    spec = spec._replace(class_offset=class_offset, num_classes=num_classes)
+    spec = spec._replace(class_offset=class_offset, num_classes=num_classes, bounds=bounds)
     tgrad = torch.empty(t.shape if want_tgrad else (0,), dtype=t.dtype, device=t.device)
     grad, _ = ce_bwd(x, t, spec, stats, gout, coef, None, tgrad if want_tgrad else None)
     return grad, tgrad
 
 
 @ce_bwd_op.register_fake
-def _(
-    x, t, weight, wsum, stats, gout, coef, ignore_index, smoothing, z_loss, softcap, prob, logp, want_tgrad, c0=0, nc=0
-):
+def _(x, t, weight, wsum, stats, gout, coef, ignore_index, smoothing, z_loss, softcap, prob, logp, want_tgrad,
+      c0=0, nc=0, bounds=None):  # fmt: skip
     return torch.empty_like(x, memory_format=torch.contiguous_format), t.new_empty(t.shape if want_tgrad else (0,))
 
 
@@ -896,7 +908,7 @@ def _traced_ce_fwd(x, t, spec: CESpec, coef, grad=None):
 def _traced_ce_bwd(x, t, spec: CESpec, stats, gout, coef, grad=None, tgrad=None):
     """:func:`ce_bwd` through ``triton_losses::ce_bwd`` (given buffers receive copies)."""
     g, dt = ce_bwd_op(x, t, spec.weight, spec.weight_sum, stats, gout, coef, *_op_scalars(spec), tgrad is not None,
-                      spec.class_offset, spec.num_classes)  # fmt: skip
+                      spec.class_offset, spec.num_classes, spec.bounds)  # fmt: skip
     if grad is not None:
         g = grad.copy_(g)
     if tgrad is not None:
@@ -907,22 +919,23 @@ def _traced_ce_bwd(x, t, spec: CESpec, stats, gout, coef, grad=None, tgrad=None)
 @torch.library.custom_op("triton_losses::ce_partial", mutates_args=())
 def ce_partial_op(
     x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None, smoothing: float, softcap: float, prob: bool,
-    class_offset: int,
+    class_offset: int, bounds: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """:func:`ce_partial`'s ``(R, 6)`` partial sums; ``softcap <= 0``: none."""
     spec = _op_spec(weight, None, -100, smoothing, 0.0, softcap, prob, False)
-    return ce_partial(x, t, spec._replace(class_offset=class_offset))
+    return ce_partial(x, t, spec._replace(class_offset=class_offset, bounds=bounds))
 
 
 @ce_partial_op.register_fake
-def _(x, t, weight, smoothing, softcap, prob, class_offset):
+def _(x, t, weight, smoothing, softcap, prob, class_offset, bounds=None):
     return x.new_empty(x.shape[0] * x.shape[2], 6, dtype=acc_dtype(x.dtype))
 
 
 def _traced_ce_partial(x, t, spec: CESpec):
     """:func:`ce_partial` through ``triton_losses::ce_partial``."""
     softcap = 0.0 if spec.softcap is None else spec.softcap
-    return ce_partial_op(x, t, spec.weight, spec.smoothing, softcap, spec.prob_target, spec.class_offset)
+    return ce_partial_op(x, t, spec.weight, spec.smoothing, softcap, spec.prob_target, spec.class_offset,
+                         spec.bounds)  # fmt: skip
 
 
 def _traced_scale_(g: torch.Tensor, factor: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from .._precision import acc_dtype
 from .._reduce import cast, target_weight_sum
-from ..options import CESpec
+from ..options import CESpec, host_slice
 
 FUSES_GRAD = True  # ce_fwd(..., grad=buffer) writes the gradient of the reduced loss
 
@@ -213,6 +213,7 @@ def ce_bwd(x, t, spec: CESpec, stats, gout, coef, grad=None, tgrad=None):
             written), or None to allocate one.
         tgrad: ``(A, C, B)`` buffer for the probability-target gradient, or None to skip it.
     """
+    spec = host_slice(spec)
     A, C, B = x.shape
     acc = acc_dtype(x.dtype)
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grad is None else grad
@@ -303,6 +304,7 @@ def ce_partial(x: torch.Tensor, t: torch.Tensor, spec: CESpec) -> torch.Tensor:
         ``sum_c w_c t_c`` and ``sum_c w_c t_c x_c`` (probability targets, else 0), with raw
         (unsmoothed) probabilities.
     """
+    spec = host_slice(spec)
     A, C, B = x.shape
     acc = acc_dtype(x.dtype)
     out = torch.zeros(A * B, 6, dtype=acc, device=x.device)
