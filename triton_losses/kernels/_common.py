@@ -103,6 +103,21 @@ def online_lse_update(m, s, x):
 
 
 @triton.jit
+def aligned_split(xoff, C, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Split one row (``xoff``: its ``(1,)`` element offset) of ``C`` columns for 16-byte accesses of
+    ``ALIGN`` elements: ``(head, full, tail, rest)``. ``head`` (< ``ALIGN``) columns come before the
+    first aligned one; then ``full`` whole ``BLOCK_C`` tiles (no mask), ``tail`` columns (a multiple
+    of ``ALIGN``: a mask the compiler can keep 16-byte wide) and the last ``rest`` (< ``ALIGN``)."""
+    start = tl.sum(xoff, 0)
+    head = tl.minimum((ALIGN - start % ALIGN) % ALIGN, C)
+    left = C - head
+    full = left // BLOCK_C
+    left -= full * BLOCK_C
+    tail = tl.multiple_of((left // ALIGN) * ALIGN, ALIGN)
+    return head, full.to(tl.int32), tail, left - tail
+
+
+@triton.jit
 def online_lse_block(m, s, x):
     """Fold a tile ``x`` ``(BLOCK_R, BLOCK_C)`` into per-row running ``(m, s)`` ``(BLOCK_R,)``: max and sum
     of ``exp(x - m)`` so far, one max / sum reduction per tile. ``-inf`` lanes add 0, and an all ``-inf``
@@ -183,6 +198,23 @@ def next_pow2(n: int) -> int:
 _PER_THREAD = {2: 16, 4: 16, 8: 4}
 _MAX_WARPS = 8
 _MIN_BLOCK_C = 16
+
+
+def row_align(x, block_r: int, *written) -> int:
+    """``ALIGN`` of a row kernel over ``x`` ``(A, C, B)``: elements per 16 bytes when one-row programs
+    (``block_r == 1``) stream contiguous rows whose start or length is not a multiple of 16 elements
+    (the runtime's divisibility specialisation then proves no 16-byte access, so a plain masked loop
+    loads 2 or 4 bytes at a time), else 1 (the plain loop). ``written``: tensors stored at ``x``'s
+    offsets; they must have ``x``'s row and class strides (else 1).
+    """
+    _, C, B = x.shape
+    if block_r != 1 or B != 1 or x.stride(1) != 1:
+        return 1
+    if C % 16 == 0 and x.stride(0) % 16 == 0:
+        return 1
+    if any(w is not None and (w.stride(0), w.stride(1)) != (x.stride(0), 1) for w in written):
+        return 1
+    return 16 // x.element_size()
 
 
 def launch_config(C: int, elem_size: int, col_contiguous: bool, per_thread: int | None = None) -> tuple[int, int, int]:

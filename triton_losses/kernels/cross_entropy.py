@@ -30,10 +30,12 @@ from ..options import CESpec, is_slice
 from ..reference import cross_entropy as _reference
 from ._common import (
     NEG_INF,
+    aligned_split,
     assert_options,
     launch_config,
     on_device,
     online_lse_block,
+    row_align,
     row_block,
     row_offsets,
     rows_of_block,
@@ -63,56 +65,120 @@ def _ce_grad_pass(
     C, c_off, NC, smoothing, softcap,  # local classes, the first one's global index, global classes
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_TGRAD: tl.constexpr,
-    BLOCK_C: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr,
+    BLOCK_C: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Write ``rscale * dloss/dx`` (and ``dloss/dtarget``) for a block of rows, one column block at a time.
 
     ``EVICT``: the L2 eviction policy of the logits' read and the gradient's stores ("" for the default;
     "evict_first" where the logits were kept in L2 by the forward's first read and are read for the last time).
+    ``ALIGN > 1`` (one row, ``g`` at ``x``'s offsets): a masked head up to the first 16-byte boundary,
+    unmasked aligned blocks, a masked rest (``aligned_split``).
 
     ``d = exp(x - m) * (a_rs * inv_s) - own_rs * onehot - (smoothing / C) * w * rscale`` (index
     targets) or ``... - w * t * rscale`` (probability targets), times the softcap's derivative;
     the smoothing divides by the global class count ``NC`` and weights are read at ``c_off + col``.
     """
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        mask = rmask[:, None] & cmask[None, :]
-        cols64 = cols.to(tl.int64)
-        if LOGP_INPUT:
-            d = tl.where(cols64[None, :] == tgt[:, None], -own_rs[:, None], 0.0)
-        else:
-            x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=0.0, eviction_policy=EVICT)
-            x = _softcap(x.to(ACC), softcap, mask, HAS_SOFTCAP)
-            d = tl.exp(x - m[:, None]) * (a_rs * inv_s)[:, None]
+    if ALIGN > 1:
+        head, full, tail, rest = aligned_split(xoff, C, ALIGN, BLOCK_C)
+        # the head: an ALIGN-wide masked tile of the columns before the first 16-byte boundary
+        _ce_grad_block(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, s_w, g_ptr, goff, s_gc, dt_ptr, dtoff, s_dtc,
+                       0, head, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
+                       HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
+                       True, ALIGN, ACC, EVICT)  # fmt: skip
+        for k in range(full):  # whole aligned tiles, unmasked
+            c0 = head + k * BLOCK_C
+            _ce_grad_block(x_ptr, tl.multiple_of(xoff + c0, ALIGN), s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w,
+                           g_ptr, tl.multiple_of(goff + c0, ALIGN), s_gc, dt_ptr, dtoff + c0 * s_dtc, s_dtc,
+                           c0, BLOCK_C, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
+                           HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
+                           False, BLOCK_C, ACC, EVICT)  # fmt: skip
+        c0 = head + full * BLOCK_C  # the aligned rest, masked in whole ALIGN units (16-byte accesses still)
+        _ce_grad_block(x_ptr, tl.multiple_of(xoff + c0, ALIGN), s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w,
+                       g_ptr, tl.multiple_of(goff + c0, ALIGN), s_gc, dt_ptr, dtoff + c0 * s_dtc, s_dtc,
+                       c0, tail, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
+                       HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
+                       True, BLOCK_C, ACC, EVICT)  # fmt: skip
+        c0 = C - rest  # the last columns, fewer than ALIGN: an ALIGN-wide masked tile
+        _ce_grad_block(x_ptr, xoff + c0, s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w, g_ptr, goff + c0, s_gc,
+                       dt_ptr, dtoff + c0 * s_dtc, s_dtc,
+                       c0, rest, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
+                       HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
+                       True, ALIGN, ACC, EVICT)  # fmt: skip
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            _ce_grad_block(x_ptr, xoff + c0 * s_xc, s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w,
+                           g_ptr, goff + c0 * s_gc, s_gc, dt_ptr, dtoff + c0 * s_dtc, s_dtc,
+                           c0, C - c0, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
+                           HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
+                           True, BLOCK_C, ACC, EVICT)  # fmt: skip
+
+
+@triton.jit
+def _ce_grad_block(
+    x_ptr, xrow, s_xc, t_ptr, trow, s_tc, w_ptr, s_w, g_ptr, grow, s_gc, dt_ptr, dtrow, s_dtc,
+    c0, n, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
+    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_TGRAD: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr,
+):  # fmt: skip
+    """Columns ``[c0, c0 + BLOCK_C)`` of ``_ce_grad_pass`` (``xrow`` ... ``dtrow``: the rows' offsets of
+    column ``c0``): the first ``n`` when ``MASKED``, else every one (rows and columns in range)."""
+    rel = tl.arange(0, BLOCK_C)
+    cmask = rel < n
+    mask = rmask[:, None] & cmask[None, :]
+    rel = rel.to(tl.int64)
+    cols = c0 + rel
+    if LOGP_INPUT:
+        d = tl.where(cols[None, :] == tgt[:, None], -own_rs[:, None], 0.0)
+    else:
+        x = _ld(x_ptr + xrow[:, None] + rel[None, :] * s_xc, mask, 0.0, MASKED, EVICT)
+        x = _softcap(x.to(ACC), softcap, mask if MASKED else rmask[:, None], HAS_SOFTCAP)
+        d = tl.exp(x - m[:, None]) * (a_rs * inv_s)[:, None]
+        if HAS_WEIGHT:
+            w = _ld(w_ptr + (c_off + cols) * s_w, cmask, 0.0, MASKED, "").to(ACC)
+        if PROB_TARGET:
+            t = _ld(t_ptr + trow[:, None] + rel[None, :] * s_tc, mask, 0.0, MASKED, "")
+            t = t.to(ACC)
+            if HAS_SMOOTHING:
+                t = t * (1.0 - smoothing) + smoothing / NC
             if HAS_WEIGHT:
-                w = tl.load(w_ptr + (c_off + cols64) * s_w, mask=cmask, other=0.0).to(ACC)
-            if PROB_TARGET:
-                t = tl.load(t_ptr + toff[:, None] + cols64[None, :] * s_tc, mask=mask, other=0.0)
-                t = t.to(ACC)
-                if HAS_SMOOTHING:
-                    t = t * (1.0 - smoothing) + smoothing / NC
+                t = w[None, :] * t
+            d -= t * rscale[:, None]
+            if WRITE_TGRAD:
+                dt = (lse[:, None] - x) * ((1.0 - smoothing) * rscale)[:, None]
                 if HAS_WEIGHT:
-                    t = w[None, :] * t
-                d -= t * rscale[:, None]
-                if WRITE_TGRAD:
-                    dt = (lse[:, None] - x) * ((1.0 - smoothing) * rscale)[:, None]
-                    if HAS_WEIGHT:
-                        dt = dt * w[None, :]
-                    dst = dt_ptr + dtoff[:, None] + cols64[None, :] * s_dtc
-                    tl.store(dst, dt.to(dt_ptr.dtype.element_ty), mask=mask)
-            else:
-                d -= tl.where(cols64[None, :] == tgt[:, None], own_rs[:, None], 0.0)
-                if HAS_SMOOTHING:
-                    if HAS_WEIGHT:
-                        d -= ((smoothing / NC) * rscale)[:, None] * w[None, :]
-                    else:
-                        d -= ((smoothing / NC) * rscale)[:, None]
-            if HAS_SOFTCAP:
-                y = x / softcap
-                d = d * (1.0 - y * y)
-        tl.store(g_ptr + goff[:, None] + cols64[None, :] * s_gc, d.to(g_ptr.dtype.element_ty), mask=mask,
-                 eviction_policy=EVICT)  # fmt: skip
+                    dt = dt * w[None, :]
+                _st(dt_ptr + dtrow[:, None] + rel[None, :] * s_dtc, dt.to(dt_ptr.dtype.element_ty), mask, MASKED, "")
+        else:
+            d -= tl.where(cols[None, :] == tgt[:, None], own_rs[:, None], 0.0)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    d -= ((smoothing / NC) * rscale)[:, None] * w[None, :]
+                else:
+                    d -= ((smoothing / NC) * rscale)[:, None]
+        if HAS_SOFTCAP:
+            y = x / softcap
+            d = d * (1.0 - y * y)
+    _st(g_ptr + grow[:, None] + rel[None, :] * s_gc, d.to(g_ptr.dtype.element_ty), mask, MASKED, EVICT)
+
+
+@triton.jit
+def _ld(ptr, mask, other, MASKED: tl.constexpr, EVICT: tl.constexpr):
+    """``tl.load`` of ``ptr``, under ``mask`` (``other`` elsewhere) when ``MASKED``."""
+    if MASKED:
+        v = tl.load(ptr, mask=mask, other=other, eviction_policy=EVICT)
+    else:
+        v = tl.load(ptr, eviction_policy=EVICT)
+    return v
+
+
+@triton.jit
+def _st(ptr, v, mask, MASKED: tl.constexpr, EVICT: tl.constexpr):
+    """``tl.store`` of ``v`` at ``ptr``, under ``mask`` when ``MASKED``."""
+    if MASKED:
+        tl.store(ptr, v, mask=mask, eviction_policy=EVICT)
+    else:
+        tl.store(ptr, v, eviction_policy=EVICT)
 
 
 @triton.jit
@@ -190,37 +256,82 @@ def _ce_fwd_stats(
     rmask, C, softcap,
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """One pass over a block of rows: running max and sum-exp, and the weighted sums smoothing / probability targets need.
 
-    ``EVICT``: the L2 eviction policy of the logits' read ("" or "evict_last": kept for the gradient pass)."""
+    ``EVICT``: the L2 eviction policy of the logits' read ("" or "evict_last": kept for the gradient pass).
+    ``ALIGN > 1`` (one row): a masked head, unmasked 16-byte-aligned blocks, a masked rest (``aligned_split``)."""
     m = tl.full([BLOCK_R], NEG_INF, ACC)
     s = tl.zeros([BLOCK_R], ACC)
     swx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * x_c (label smoothing)
     swt = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * t_c (probability targets)
     swtx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * t_c * x_c (probability targets)
     if not LOGP_INPUT:
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            cmask = cols < C
-            mask = rmask[:, None] & cmask[None, :]
-            cols64 = cols.to(tl.int64)
-            x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=NEG_INF,
-                        eviction_policy=EVICT)  # fmt: skip
-            x = _softcap(x.to(ACC), softcap, mask, HAS_SOFTCAP)
-            m, s = online_lse_block(m, s, x)
-            if HAS_WEIGHT:
-                w = tl.load(w_ptr + cols64 * s_w, mask=cmask, other=0.0).to(ACC)[None, :]
-            else:
-                w = 1.0
-            if HAS_SMOOTHING:
-                swx += tl.sum(tl.where(mask, w * x, 0.0), 1)
-            if PROB_TARGET:
-                t = tl.load(t_ptr + toff[:, None] + cols64[None, :] * s_tc, mask=mask, other=0.0)
-                wt = w * t.to(ACC)
-                swt += tl.sum(wt, 1)
-                swtx += tl.sum(tl.where(mask, wt * x, 0.0), 1)
+        if ALIGN > 1:  # a masked ALIGN-wide head, whole aligned tiles unmasked, the aligned rest, the last columns
+            head, full, tail, rest = aligned_split(xoff, C, ALIGN, BLOCK_C)
+            m, s, swx, swt, swtx = _ce_stats_block(m, s, swx, swt, swtx, x_ptr, xoff, s_xc, t_ptr, toff, s_tc,
+                                                   w_ptr, s_w, 0, head, rmask, softcap,
+                                                   HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP,
+                                                   True, ALIGN, ACC, EVICT)  # fmt: skip
+            for k in range(full):
+                c0 = head + k * BLOCK_C
+                m, s, swx, swt, swtx = _ce_stats_block(m, s, swx, swt, swtx, x_ptr, tl.multiple_of(xoff + c0, ALIGN),
+                                                       s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w, c0, BLOCK_C,
+                                                       rmask, softcap, HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING,
+                                                       HAS_SOFTCAP, False, BLOCK_C, ACC, EVICT)  # fmt: skip
+            c0 = head + full * BLOCK_C
+            m, s, swx, swt, swtx = _ce_stats_block(m, s, swx, swt, swtx, x_ptr, tl.multiple_of(xoff + c0, ALIGN),
+                                                   s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w, c0, tail, rmask,
+                                                   softcap, HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP,
+                                                   True, BLOCK_C, ACC, EVICT)  # fmt: skip
+            c0 = C - rest
+            m, s, swx, swt, swtx = _ce_stats_block(m, s, swx, swt, swtx, x_ptr, xoff + c0, s_xc, t_ptr,
+                                                   toff + c0 * s_tc, s_tc, w_ptr, s_w, c0, rest, rmask, softcap,
+                                                   HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP,
+                                                   True, ALIGN, ACC, EVICT)  # fmt: skip
+        else:
+            for c0 in range(0, C, BLOCK_C):
+                m, s, swx, swt, swtx = _ce_stats_block(m, s, swx, swt, swtx, x_ptr, xoff + c0 * s_xc, s_xc, t_ptr,
+                                                       toff + c0 * s_tc, s_tc, w_ptr, s_w, c0, C - c0, rmask, softcap,
+                                                       HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP,
+                                                       True, BLOCK_C, ACC, EVICT)  # fmt: skip
+    return m, s, swx, swt, swtx
+
+
+@triton.jit
+def _ce_stats_block(
+    m, s, swx, swt, swtx, x_ptr, xrow, s_xc, t_ptr, trow, s_tc, w_ptr, s_w, c0, n, rmask, softcap,
+    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr,
+):  # fmt: skip
+    """Fold columns ``[c0, c0 + BLOCK_C)`` into ``_ce_fwd_stats``' running sums (``xrow`` / ``trow``: the rows'
+    offsets of column ``c0``): the first ``n`` when ``MASKED``, else every one (rows and columns in range)."""
+    rel = tl.arange(0, BLOCK_C)
+    cmask = rel < n
+    mask = rmask[:, None] & cmask[None, :]
+    rel = rel.to(tl.int64)
+    cols = c0 + rel
+    x = _ld(x_ptr + xrow[:, None] + rel[None, :] * s_xc, mask, NEG_INF, MASKED, EVICT)
+    x = _softcap(x.to(ACC), softcap, mask if MASKED else rmask[:, None], HAS_SOFTCAP)
+    m, s = online_lse_block(m, s, x)
+    if HAS_WEIGHT:
+        w = _ld(w_ptr + cols * s_w, cmask, 0.0, MASKED, "").to(ACC)[None, :]
+    else:
+        w = 1.0
+    if HAS_SMOOTHING:
+        wx = w * x
+        if MASKED:
+            wx = tl.where(mask, wx, 0.0)
+        swx += tl.sum(wx, 1)
+    if PROB_TARGET:
+        t = _ld(t_ptr + trow[:, None] + rel[None, :] * s_tc, mask, 0.0, MASKED, "")
+        wt = w * t.to(ACC)
+        swt += tl.sum(wt, 1)
+        wtx = wt * x
+        if MASKED:
+            wtx = tl.where(mask, wtx, 0.0)
+        swtx += tl.sum(wtx, 1)
     return m, s, swx, swt, swtx
 
 
@@ -264,7 +375,7 @@ def _ce_fwd_kernel(
     HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr, HAS_COEF: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
-    PERSISTENT: tl.constexpr, EVICT_1ST: tl.constexpr, EVICT_2ND: tl.constexpr,
+    PERSISTENT: tl.constexpr, EVICT_1ST: tl.constexpr, EVICT_2ND: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Per-row cross-entropy (or NLL) loss and statistics for blocks of ``BLOCK_R`` rows, optionally the gradient.
 
@@ -279,13 +390,13 @@ def _ce_fwd_kernel(
                           loss_ptr, stats_ptr, g_ptr, s_ga, s_gc, s_gb, coef_ptr,
                           R, C, B, ignore_index, smoothing, z_loss, softcap,
                           HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP,
-                          WRITE_GRAD, HAS_COEF, BLOCK_R, BLOCK_C, ACC, EVICT_1ST, EVICT_2ND)  # fmt: skip
+                          WRITE_GRAD, HAS_COEF, BLOCK_R, BLOCK_C, ACC, EVICT_1ST, EVICT_2ND, ALIGN)  # fmt: skip
     else:
         _ce_fwd_block(tl.program_id(0), x_ptr, s_xa, s_xc, s_xb, t_ptr, s_ta, s_tc, s_tb, w_ptr, s_w, wsum_ptr,
                       loss_ptr, stats_ptr, g_ptr, s_ga, s_gc, s_gb, coef_ptr,
                       R, C, B, ignore_index, smoothing, z_loss, softcap,
                       HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP,
-                      WRITE_GRAD, HAS_COEF, BLOCK_R, BLOCK_C, ACC, EVICT_1ST, EVICT_2ND)  # fmt: skip
+                      WRITE_GRAD, HAS_COEF, BLOCK_R, BLOCK_C, ACC, EVICT_1ST, EVICT_2ND, ALIGN)  # fmt: skip
 
 
 @triton.jit
@@ -297,7 +408,7 @@ def _ce_fwd_block(
     HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr, HAS_COEF: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
-    EVICT_1ST: tl.constexpr, EVICT_2ND: tl.constexpr,
+    EVICT_1ST: tl.constexpr, EVICT_2ND: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Block ``blk`` of ``_ce_fwd_kernel`` (its arguments, in its order)."""
     rows, rmask = rows_of_block(blk, R, BLOCK_R)
@@ -316,7 +427,7 @@ def _ce_fwd_block(
         x_t = _softcap(x_t, softcap, rmask | True, HAS_SOFTCAP)
     m, s, swx, swt, swtx = _ce_fwd_stats(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, s_w, rmask, C, softcap,
                                          HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP,
-                                         BLOCK_R, BLOCK_C, ACC, EVICT_1ST)  # fmt: skip
+                                         BLOCK_R, BLOCK_C, ACC, EVICT_1ST, ALIGN)  # fmt: skip
     logs = tl.log(s)
     lse = m + logs
     loss, S1 = _ce_row_loss(m, logs, lse, w_t, x_t, ignored, inb, swx, swt, swtx, wsum, C, smoothing, z_loss,
@@ -336,7 +447,7 @@ def _ce_fwd_block(
                       g_ptr, goff, s_gc, rmask, tgt, m, 1.0 / s, lse, a_rs, own_rs, rscale,
                       C, 0, C, smoothing, softcap,
                       HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, False,
-                      BLOCK_C, ACC, EVICT_2ND)  # fmt: skip
+                      BLOCK_C, ACC, EVICT_2ND, ALIGN)  # fmt: skip
 
 
 @triton.jit
@@ -355,7 +466,7 @@ def _ce_bwd_kernel(
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WRITE_TGRAD: tl.constexpr, HAS_COEF: tl.constexpr, GIVEN_S1: tl.constexpr, SLICE_IN_MEMORY: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Gradient of the per-row loss for ``BLOCK_R`` rows from the saved statistics.
 
@@ -409,7 +520,7 @@ def _ce_bwd_kernel(
                   dt_ptr, dtoff, s_dc, rmask, tgt, m, 1.0 / s, lse, a_rs, own_rs, rscale,
                   C, c_off, NC, smoothing, softcap,
                   HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
-                  BLOCK_C, ACC, "")  # fmt: skip
+                  BLOCK_C, ACC, "", ALIGN)  # fmt: skip
 
 
 @triton.jit
@@ -422,7 +533,7 @@ def _ce_partial_kernel(
     bounds_ptr,  # (2,) int64 [c_off, global classes] on the device, read instead of c_off when SLICE_IN_MEMORY
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, SLICE_IN_MEMORY: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """One read of a slice's rows: ``(m, sum exp(x - m), x_target, sum w x, sum w t, sum w t x)`` per row.
 
@@ -440,30 +551,10 @@ def _ce_partial_kernel(
         hit = rmask & (tloc >= 0) & (tloc < C)
         x_t = tl.load(x_ptr + xoff + tl.where(hit, tloc, 0) * s_xc, mask=hit, other=0.0).to(ACC)
         x_t = tl.where(hit, _softcap(x_t, softcap, hit, HAS_SOFTCAP), 0.0)
-    m = tl.full([BLOCK_R], NEG_INF, ACC)
-    s = tl.zeros([BLOCK_R], ACC)
-    swx = tl.zeros([BLOCK_R], ACC)
-    swt = tl.zeros([BLOCK_R], ACC)
-    swtx = tl.zeros([BLOCK_R], ACC)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        mask = rmask[:, None] & cmask[None, :]
-        cols64 = cols.to(tl.int64)
-        x = tl.load(x_ptr + xoff[:, None] + cols64[None, :] * s_xc, mask=mask, other=NEG_INF)
-        x = _softcap(x.to(ACC), softcap, mask, HAS_SOFTCAP)
-        m, s = online_lse_block(m, s, x)
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + (c_off + cols64) * s_w, mask=cmask, other=0.0).to(ACC)[None, :]
-        else:
-            w = 1.0
-        if HAS_SMOOTHING:
-            swx += tl.sum(tl.where(mask, w * x, 0.0), 1)
-        if PROB_TARGET:
-            t = tl.load(t_ptr + toff[:, None] + cols64[None, :] * s_tc, mask=mask, other=0.0)
-            wt = w * t.to(ACC)
-            swt += tl.sum(wt, 1)
-            swtx += tl.sum(tl.where(mask, wt * x, 0.0), 1)
+    # the forward's statistics pass, with the weights read from the slice's first class on
+    m, s, swx, swt, swtx = _ce_fwd_stats(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr + c_off * s_w, s_w, rmask, C,
+                                         softcap, HAS_WEIGHT, PROB_TARGET, False, HAS_SMOOTHING, HAS_SOFTCAP,
+                                         BLOCK_R, BLOCK_C, ACC, "", ALIGN)  # fmt: skip
     dst = out_ptr + 6 * rows
     tl.store(dst, m.to(out_ptr.dtype.element_ty), mask=rmask)
     tl.store(dst + 1, s.to(out_ptr.dtype.element_ty), mask=rmask)
@@ -630,7 +721,7 @@ def ce_fwd(
             R=R, C=C, B=B, **_scalars(spec), **_flags(spec),
             WRITE_GRAD=grad is not None, HAS_COEF=coef is not None,
             BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), **_VARIANT_FLAGS[variant],
-            num_warps=warps, **assert_options(x),
+            ALIGN=row_align(x, block_r, grad), num_warps=warps, **assert_options(x),
         )  # fmt: skip
     return loss, stats
 
@@ -734,7 +825,8 @@ def ce_bwd(
             c_off=spec.class_offset, NC=spec.num_classes or C, bounds_ptr=_bounds_ptr(spec, stats),
             WRITE_TGRAD=tgrad is not None, HAS_COEF=coef is not None,
             GIVEN_S1=spec.prob_target and is_slice(spec), SLICE_IN_MEMORY=spec.bounds is not None,
-            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps, **assert_options(x),
+            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), ALIGN=row_align(x, block_r, grad),
+            num_warps=warps, **assert_options(x),
         )  # fmt: skip
     return grad, tgrad
 
@@ -770,7 +862,7 @@ def ce_partial(x: torch.Tensor, t: torch.Tensor, spec: CESpec) -> torch.Tensor:
             R=R, C=C, B=B, c_off=spec.class_offset, softcap=spec.softcap or 1.0, bounds_ptr=_bounds_ptr(spec, out),
             HAS_WEIGHT=w is not None, PROB_TARGET=spec.prob_target, HAS_SMOOTHING=spec.smoothing > 0.0,
             HAS_SOFTCAP=spec.softcap is not None, SLICE_IN_MEMORY=spec.bounds is not None,
-            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps,
+            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), ALIGN=row_align(x, block_r), num_warps=warps,
         )  # fmt: skip
     return out
 
