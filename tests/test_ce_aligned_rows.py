@@ -22,12 +22,18 @@ from triton_losses.kernels import _common
 from triton_losses.kernels import cross_entropy as k
 
 
+@pytest.fixture(autouse=True)
+def _align_under_the_interpreter(monkeypatch):
+    """The split is what these tests check: on for CPU tensors too (off there by default)."""
+    monkeypatch.setattr(_common, "ALIGN_IN_INTERPRETER", True)
+
+
 def _meta(shape, dtype=torch.bfloat16, stride=None):
     x = torch.empty(shape, dtype=dtype, device="meta")
     return x if stride is None else x.as_strided(shape, stride)
 
 
-def test_row_align_rule():
+def test_row_align_rule(monkeypatch):
     odd = _meta((8, 50257, 1))
     assert _common.row_align(odd, 1) == 8
     assert _common.row_align(_meta((8, 50257, 1), torch.float32), 1) == 4
@@ -39,6 +45,9 @@ def test_row_align_rule():
     assert _common.row_align(padded, 1) == 8
     assert _common.row_align(padded, 1, _meta((8, 50257, 1))) == 1  # gradient rows at other offsets
     assert _common.row_align(_meta((8, 5000, 3), stride=(15000, 3, 1)), 1) == 1  # K-dim: classes strided
+    monkeypatch.setattr(_common, "ALIGN_IN_INTERPRETER", False)
+    assert _common.row_align(torch.empty(2, 50257, 1), 1) == 1  # the interpreter: the plain loop by default
+    assert _common.row_align(odd, 1) == 8
 
 
 OPTIONS = [
@@ -52,7 +61,7 @@ OPTIONS = [
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("variant", ["rows", "persistent"])
+@pytest.mark.parametrize("variant", ["rows", pytest.param("persistent", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("opts", OPTIONS, ids=["plain", "weight-smooth-ignore", "z-cap-sum", "prob", "none",
                                                "none-prob-cap"])  # fmt: skip
 @pytest.mark.parametrize(

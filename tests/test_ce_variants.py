@@ -29,7 +29,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("variant", k.VARIANTS)
 @pytest.mark.parametrize("opts", OPTIONS, ids=["plain", "weighted-ignore-smoothing", "zloss-softcap"])
-@pytest.mark.parametrize(("N", "C"), [(37, 8192), (301, 96)])
+@pytest.mark.parametrize(("N", "C"), [(37, 2048), pytest.param(37, 8192, marks=pytest.mark.slow), (301, 96)])
 def test_variant_matches_the_oracle(monkeypatch, device, variant, opts, N, C):
     monkeypatch.setenv("TRITON_LOSSES_BACKEND", "triton")
     monkeypatch.setenv(k.VARIANT_ENV, variant)
@@ -51,7 +51,7 @@ def test_variant_matches_the_oracle(monkeypatch, device, variant, opts, N, C):
     if variant == "persistent":
         blocks = -(-N // k.launch_config(C, 4, True)[0])
         assert launched and launched[0] <= blocks
-        if N == 37:
+        if N == 37:  # 32 programs (8 per fake SM) for 37 one-row blocks
             assert launched[0] < blocks  # some programs take more than one block
 
 

@@ -416,7 +416,11 @@ def test_gradcheck_torch_backend(device, monkeypatch):
         assert torch.autograd.gradcheck(f_prob, (x, p))
 
 
-@pytest.mark.parametrize("kw", [{}, {"weight": True, "label_smoothing": 0.2, "z_loss": 0.1, "softcap": 4.0}], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [{}, pytest.param({"weight": True, "label_smoothing": 0.2, "z_loss": 0.1, "softcap": 4.0}, marks=pytest.mark.slow)],
+    ids=str,
+)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_second_order_gradients(backend, device, reduction, kw):
     """gradgradcheck on tiny fp64 inputs: a create_graph backward is differentiable and exact."""

@@ -265,6 +265,7 @@ def test_teacher_without_grad_gets_none(backend, device):
     torch.testing.assert_close(gs.sum(-1), torch.zeros(3, device=device), rtol=0, atol=1e-6)  # softmax gradients
 
 
+@pytest.mark.slow
 def test_gradcheck_fp64(backend, device):
     x = _logprobs((3, 5), device).double().requires_grad_()
     y = _logprobs((3, 5), device).double().requires_grad_()
@@ -344,6 +345,7 @@ def test_kl_div_with_logits_uses_no_extra_vocabulary_sized_memory(device):
 # ---- second derivatives -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gradgradcheck_fp64(backend, device):
     x = _logprobs((3, 4), device).double().requires_grad_()
     y = _logprobs((3, 4), device).double().requires_grad_()

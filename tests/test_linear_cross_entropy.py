@@ -601,6 +601,7 @@ _RSS_PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_cpu_peak_memory_stays_far_below_the_logits():
     """Fresh process, fp32 N = V = 8192: the logits alone are 256 MiB; our whole call must add < 64 MiB.
@@ -632,6 +633,7 @@ class TestModule:
         torch.testing.assert_close(out, ref)
         assert "z_loss=0.001" in repr(m) and "chunk_size=3" in repr(m)
 
+    @pytest.mark.slow
     def test_passes_fp32_weight_grad(self, backend, device):
         x, w, _ = _operands(64, 4, 16, device, dtype=torch.bfloat16)
         t = _targets((64,), 16, device)

@@ -200,14 +200,23 @@ _MAX_WARPS = 8
 _MIN_BLOCK_C = 16
 
 
+# CPU tensors run the kernels under Triton's interpreter, which gains nothing from 16-byte accesses and
+# pays for every extra tile the aligned split adds: there rows take the plain loop unless this is set
+# (the tests of the split set it).
+ALIGN_IN_INTERPRETER = False
+
+
 def row_align(x, block_r: int, *written) -> int:
     """``ALIGN`` of a row kernel over ``x`` ``(A, C, B)``: elements per 16 bytes when one-row programs
     (``block_r == 1``) stream contiguous rows whose start or length is not a multiple of 16 elements
     (the runtime's divisibility specialisation then proves no 16-byte access, so a plain masked loop
     loads 2 or 4 bytes at a time), else 1 (the plain loop). ``written``: tensors stored at ``x``'s
-    offsets; they must have ``x``'s row and class strides (else 1).
+    offsets; they must have ``x``'s row and class strides (else 1). 1 for CPU tensors (the
+    interpreter) unless ``ALIGN_IN_INTERPRETER``.
     """
     _, C, B = x.shape
+    if x.device.type == "cpu" and not ALIGN_IN_INTERPRETER:
+        return 1
     if block_r != 1 or B != 1 or x.stride(1) != 1:
         return 1
     if C % 16 == 0 and x.stride(0) % 16 == 0:
