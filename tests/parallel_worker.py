@@ -328,10 +328,13 @@ def run_no_host_sync(rank: int, world: int) -> int:
     from triton_losses.kernels import cross_entropy as k
 
     launchers = [(k, name) for name in ("ce_partial", "ce_bwd", "ce_norm", "ce_finish", "scale_")]
-    patch = _MonkeyPatch()
+    import pytest
+
+    patch = pytest.MonkeyPatch()  # count_ops wraps its launchers through it
     for module in (_checks, parallel):
         patch.setattr(module, "eager_checks", lambda device: False)
-    patch.setattr(parallel, "slice_bounds", _recording_bounds(parallel.slice_bounds))
+    seen, real = [], parallel.slice_bounds
+    patch.setattr(parallel, "slice_bounds", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
     V, N, H = 13, 4, 6
     sizes = _split(V, world)
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
@@ -355,8 +358,8 @@ def run_no_host_sync(rank: int, world: int) -> int:
             launchers, patch,
         )  # fmt: skip
         assert not HOST_SYNCS & set(ops), ops
-        assert all(isinstance(b, torch.Tensor) and b.shape == (2,) for b in _recording_bounds.seen), "host bounds"
-        assert [b.tolist() for b in _recording_bounds.seen] == [[lo, V], [lo, V]], _recording_bounds.seen
+        assert all(isinstance(b, torch.Tensor) and b.shape == (2,) for b in seen), "host bounds"
+        assert [b.tolist() for b in seen] == [[lo, V], [lo, V]], seen
         if DEVICE.type == "cuda":  # there the failed assert would end the process's CUDA context
             return 1
         try:
@@ -368,34 +371,6 @@ def run_no_host_sync(rank: int, world: int) -> int:
     finally:
         patch.undo()
     return 1
-
-
-class _MonkeyPatch:
-    """``setattr`` with ``undo`` (``count_ops`` wraps its launchers through it)."""
-
-    def __init__(self):
-        self._saved = []
-
-    def setattr(self, obj, name, value):
-        self._saved.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, value)
-
-    def undo(self):
-        for obj, name, value in reversed(self._saved):
-            setattr(obj, name, value)
-        self._saved.clear()
-
-
-def _recording_bounds(real):
-    """``slice_bounds`` that keeps what it returned in ``_recording_bounds.seen``."""
-    _recording_bounds.seen = []
-
-    def wrapped(*args, **kwargs):
-        out = real(*args, **kwargs)
-        _recording_bounds.seen.append(out)
-        return out
-
-    return wrapped
 
 
 def main() -> None:
