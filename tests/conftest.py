@@ -6,6 +6,7 @@ kernels run on CPU tensors through Triton's interpreter (tier 2 of DESIGN.md).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -53,6 +54,26 @@ def _interpreter_problem() -> str | None:
             f"({type(e).__name__}: {e}); with triton <= 3.6 install numpy<2.4 to run the interpreter tier"
         )
     return None if bool((out == 2.0).all()) else "Triton's interpreter gave a wrong result on a probe kernel"
+
+
+def _interpreter_asserts() -> None:
+    """Evaluate every ``tl.device_assert`` under the interpreter, as the CUDA launches do.
+
+    On CUDA the kernels with data checks launch with ``debug=True`` (``_common.assert_options``); the
+    interpreter takes its options from its own builder (``debug`` off), so without this their
+    conditions would never run before a GPU does. With it, every test on valid data also checks
+    that no assert fires on it (a wrong condition would stop every GPU run), and
+    ``tests/test_device_asserts.py`` checks that each fires on the data it is for.
+    """
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1" or not triton_available():
+        return
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    builder.options = dataclasses.replace(builder.options, debug=True, sanitize_overflow=False)
+
+
+_interpreter_asserts()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -75,6 +76,12 @@ def same_error(fn_torch, fn_ours, *args, **kwargs):
     assert type(e_ours.value) is type(expected), (e_ours.value, expected)
     assert str(e_ours.value) == str(expected)
     return e_ours.value
+
+
+def device_assert(message: str):
+    """``pytest.raises`` for a kernel's ``tl.device_assert`` with ``message`` under Triton's interpreter
+    (tests/conftest.py switches the interpreter's asserts on, as the CUDA launches have them)."""
+    return pytest.raises(Exception, match=re.escape(message))
 
 
 def run_isolated(code: str, timeout: float = 300.0, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
