@@ -235,7 +235,7 @@ def test_multilabel_margin_multi_block(backend, monkeypatch, bitmap):
     y = _lists(3, 40)
     y[0, :25] = torch.randint(0, 40, (25,))
     y[0, 25] = -1
-    monkeypatch.setattr(kmm, "mlm_config", lambda C: (16, 16, 4 if bitmap else 1, 1))
+    monkeypatch.setattr(kmm, "mlm_config", lambda C, acc_bytes=4: (16, 16, 4 if bitmap else 1, 1))
     _compare(tl_.multilabel_margin_loss, F.multilabel_margin_loss, [x, y])
 
 

@@ -35,8 +35,9 @@ def _acc(name: str):
 
 
 def _mlm(name: str, C: int, contiguous: bool, write_loss: bool, write_grad: bool):
-    block_c, block_k, nb, warps = k.mlm_config(C)
-    flags = dict(WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, BITMAP=C <= k.MLM_BITMAP_MAX, NB=nb,
+    acc_bytes = DTYPES["fp64" if name == "fp64" else "fp32"].itemsize
+    block_c, block_k, nb, warps = k.mlm_config(C, acc_bytes)
+    flags = dict(WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, BITMAP=k.mlm_bitmap_max(acc_bytes) >= C, NB=nb,
                  BLOCK_C=block_c, BLOCK_K=block_k, ACC=_acc(name))  # fmt: skip
     return case(k._mlm_kernel, ptrs=_ptrs(name), scalars=_scalars(C, contiguous), constexprs=flags,
                 num_warps=warps, options=ASSERTS, launch=f"{ROWS}x{C}")  # fmt: skip
@@ -77,7 +78,8 @@ def _all():
         configs.update(reachable(k.mlsm_config, DTYPES[name].itemsize))
         for _, (C, contiguous) in sorted(configs.items()):
             yield from _row_cases(name, C, contiguous, f"C={C},{'rows' if contiguous else 'cols'}", all_flags=False)
-        for C in (16, 256, CLASSES + 1, k.MLM_BITMAP_MAX, 2 * k.MLM_BITMAP_MAX):  # every block shape, bitmap or not
+        bitmap_max = k.mlm_bitmap_max(DTYPES[name].itemsize)
+        for C in (16, 256, CLASSES + 1, bitmap_max, 2 * bitmap_max):  # every block shape, bitmap or not
             yield _mlm(name, C, True, True, True)
 
 

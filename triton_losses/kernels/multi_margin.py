@@ -39,6 +39,8 @@ from .cross_entropy import scale_
 __all__ = [
     "FUSES_GRAD",
     "MLM_BITMAP_MAX",
+    "mlm_bitmap_max",
+    "mlm_config",
     "TRACED",
     "mlsm_bwd",
     "mlsm_fwd",
@@ -52,7 +54,8 @@ __all__ = [
 FUSES_GRAD = True
 
 # Rows up to this many classes keep the multilabel "is a target" mask as a register bitmap
-# (C / 16 int32 words: 4096 words, 16 per thread of an 8-warp program, at the limit).
+# (C / 16 int32 words: 4096 words, 16 per thread of an 8-warp program, at the limit; a quarter as many
+# classes for fp64 rows, see :func:`mlm_bitmap_max`).
 MLM_BITMAP_MAX = 1 << 16
 
 
@@ -244,7 +247,9 @@ def multi_margin_bwd(x: Tensor, y: Tensor, w: Tensor | None, p: int, margin: flo
 def _list_length(y_ptr, yoff, s_yc, C, BLOCK_K: tl.constexpr):
     """Length of a row's target list: the index of its first negative entry (C if none).
 
-    Reads the list in blocks until that entry (a list of 3 classes reads one block of it).
+    Reads the list in blocks until that entry (a list of 3 classes reads one block of it), and
+    asserts on the device that every listed class is below ``C``: the only range check of the row,
+    so that no assert (a call, whose live registers go to the stack) sits in the loops after it.
     """
     n = C + tl.zeros([], tl.int64)
     k0 = n * 0
@@ -252,6 +257,7 @@ def _list_length(y_ptr, yoff, s_yc, C, BLOCK_K: tl.constexpr):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         t = tl.load(y_ptr + yoff + ks * s_yc, mask=ks < C, other=0)
         n = tl.minimum(n, tl.min(tl.where((t < 0) & (ks < C), ks, C), 0))
+        tl.device_assert((t < C) | (ks >= n), "multilabel_margin_loss: target out of range")
         k0 += BLOCK_K
     return n
 
@@ -261,7 +267,6 @@ def _listed(y_ptr, yoff, s_yc, k0, n, C, BLOCK_K: tl.constexpr):
     """Entries ``k0 .. k0 + BLOCK_K`` of a target list: ``(class, in the list and in [0, C))``."""
     ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
     t = tl.load(y_ptr + yoff + ks * s_yc, mask=ks < n, other=-1)
-    tl.device_assert(t < C, "multilabel_margin_loss: target out of range")
     ok = (ks < n) & (t >= 0) & (t < C)
     return tl.where(ok, t, 0), ok
 
@@ -368,16 +373,22 @@ def _mlm_listed_grads(
         tl.store(gx_ptr + goff + t, g.to(gx_ptr.dtype.element_ty), mask=ok)
 
 
-def mlm_config(C: int) -> tuple[int, int, int, int]:
+def mlm_bitmap_max(acc_bytes: int) -> int:
+    """Classes up to which the multilabel margin kernel keeps its register bitmap (a quarter for fp64 rows)."""
+    return MLM_BITMAP_MAX if acc_bytes <= 4 else MLM_BITMAP_MAX // 4
+
+
+def mlm_config(C: int, acc_bytes: int = 4) -> tuple[int, int, int, int]:
     """``(BLOCK_C, BLOCK_K, NB, num_warps)`` of the multilabel margin kernel for rows of ``C`` classes.
 
-    A (BLOCK_C, BLOCK_K) comparison tile of at most 4096 pairs (16 per thread at 8 warps); lists
+    A (BLOCK_C, BLOCK_K) comparison tile of at most 4096 pairs (16 per thread at 8 warps) in fp32,
+    2048 (8 per thread) when the row accumulates in fp64, whose values take two registers each; lists
     are read 16 entries at a time, so a row with few labels does one target block per column block.
     """
     block_k = 16
-    block_c = max(16, min(256, next_pow2(C)))
-    nb = next_pow2(triton.cdiv(max(C, 1), block_c)) if C <= MLM_BITMAP_MAX else 1
-    warps = max(1, min(8, block_c * block_k // 512))
+    block_c = max(16, min(256 if acc_bytes <= 4 else 128, next_pow2(C)))
+    nb = next_pow2(triton.cdiv(max(C, 1), block_c)) if mlm_bitmap_max(acc_bytes) >= C else 1
+    warps = max(1, min(8, block_c * block_k // (512 if acc_bytes <= 4 else 256)))
     return block_c, block_k, nb, warps
 
 
@@ -385,12 +396,13 @@ def _mlm_launch(x, y, f, loss, gx) -> None:
     R, C = x.shape
     if R == 0:
         return
-    block_c, block_k, nb, warps = mlm_config(C)
+    acc_bytes = acc_dtype(x.dtype).itemsize
+    block_c, block_k, nb, warps = mlm_config(C, acc_bytes)
     with on_device(x):
         _mlm_kernel[(R,)](
             x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), f, 1 if f.numel() > 1 else 0,
             loss if loss is not None else f, gx if gx is not None else x, C,
-            WRITE_LOSS=loss is not None, WRITE_GRAD=gx is not None, BITMAP=C <= MLM_BITMAP_MAX, NB=nb,
+            WRITE_LOSS=loss is not None, WRITE_GRAD=gx is not None, BITMAP=mlm_bitmap_max(acc_bytes) >= C, NB=nb,
             BLOCK_C=block_c, BLOCK_K=block_k, ACC=tl_acc(x.dtype), num_warps=warps, **assert_options(x),
         )  # fmt: skip
 
