@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 import triton_losses as tl_
 from tests.fp64_checks import check_against_fp64
 from tests.helpers import budget_close, same_error
+from triton_losses.kernels import _elementwise
 from triton_losses.reference import _chunks
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -328,3 +330,31 @@ def test_fullgraph_compile_matches_eager(backend, device):
     torch.testing.assert_close(out, ref)
     for a, b in zip(torch.autograd.grad(out, (x, y)), torch.autograd.grad(ref, (x, y))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("rows_i32", [True, False], ids=["int32 rows", "int64 rows"])
+def test_elementwise_rows_divided_in_int32_and_int64(device, monkeypatch, rows_i32):
+    """The elementwise kernels (regression, margin, BCE, KL) split a row index into broadcast coordinates
+    with an int32 division below 2**31 rows (``ROWS_I32``) and an int64 one above: both give torch's values."""
+    monkeypatch.setenv("TRITON_LOSSES_BACKEND", "triton")
+    seen = []
+
+    def recorded(dims, block_r):
+        seen.append((dims[1], rows_i32 and shipped(dims, block_r)))
+        return seen[-1][1]
+
+    shipped = _elementwise.rows_i32
+    monkeypatch.setattr(_elementwise, "rows_i32", recorded)
+    x, y = (torch.randn(*shape, device=device, dtype=torch.float64) for shape in ((3, 4, 5), (4, 1)))
+    pairs = [
+        (tl_.soft_margin_loss, F.soft_margin_loss, y.sign()),
+        (tl_.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, y.sigmoid()),
+        (partial(tl_.kl_div, log_target=True), partial(F.kl_div, log_target=True), y),
+    ]
+    for reduction in ("none", "mean"):
+        _check("mse", ((3, 4, 5), (4, 1)), reduction, device)
+        for ours, ref, target in pairs:
+            t = target.expand_as(x)
+            budget_close(ours(x, t, reduction=reduction), ref(x, t, reduction=reduction))
+    assert any(d1 > 1 for d1, _ in seen) and {flag for _, flag in seen} == {rows_i32}, seen

@@ -34,18 +34,29 @@ MAX_DIMS = 3
 
 
 @triton.jit
-def tile_coords(R, D1, D2, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's tile: row coordinates ``(i0, i1)`` (BLOCK_R,), columns (BLOCK_C,), mask."""
-    pid = tl.program_id(0).to(tl.int64)
+def tile_coords(R, D1, D2, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_I32: tl.constexpr):
+    """This program's tile: row coordinates ``(i0, i1)`` (BLOCK_R,), columns (BLOCK_C,), mask.
+
+    A 64-bit integer division is a called subroutine on the GPU (the registers live across the call go
+    to the stack), so the divisions are 32-bit: the tile index by the program id's int32, and with
+    ``ROWS_I32`` (every row index of the grid and ``D1`` below 2**31, :func:`rows_i32`) the rows by
+    ``D1``; else the rows' division is 64-bit. Offsets are int64 either way.
+    """
+    pid = tl.program_id(0)
     n_cb = tl.cdiv(D2, BLOCK_C)
     rb = pid // n_cb
     cb = pid - rb * n_cb
-    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    cols = cb.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    if ROWS_I32:
+        rows = rb.to(tl.int32) * BLOCK_R + tl.arange(0, BLOCK_R)
+        i0 = rows // D1
+        i1 = rows - i0 * D1
+    else:
+        rows = rb.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+        i0 = rows // D1
+        i1 = rows - i0 * D1
     mask = (rows < R)[:, None] & (cols < D2)[None, :]
-    i0 = rows // D1
-    i1 = rows - i0 * D1
-    return i0, i1, cols, mask
+    return i0.to(tl.int64), i1.to(tl.int64), cols, mask
 
 
 @triton.jit
@@ -238,7 +249,8 @@ def launch_forward(kernel, inputs: list, reduce: bool, **flags) -> torch.Tensor:
     with on_device(x):
         kernel[(n_prog,)](
             *_operand_args(inputs, st[1:], out), out, *st[0], part, R, dims[1], dims[2],
-            REDUCE=reduce, BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc_dtype(x.dtype), num_warps=NUM_WARPS, **flags,
+            REDUCE=reduce, BLOCK_R=block_r, BLOCK_C=block_c, ROWS_I32=rows_i32(dims, block_r), ACC=acc_dtype(x.dtype),
+            num_warps=NUM_WARPS, **flags,
         )  # fmt: skip
     return part if reduce else out
 
@@ -266,10 +278,20 @@ def launch_backward(kernel, inputs: list, need_dx: bool, need_dy: bool, **flags)
         kernel[(n_prog,)](
             *_operand_args(inputs, st[-len(inputs) :], x), dx if need_dx else dy, dy if need_dy else dx, *st[0],
             R, dims[1], dims[2],
-            WRITE_DX=need_dx, WRITE_DY=need_dy, BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc_dtype(x.dtype),
-            num_warps=NUM_WARPS, **flags,
+            WRITE_DX=need_dx, WRITE_DY=need_dy, BLOCK_R=block_r, BLOCK_C=block_c, ROWS_I32=rows_i32(dims, block_r),
+            ACC=acc_dtype(x.dtype), num_warps=NUM_WARPS, **flags,
         )  # fmt: skip
     return dx, dy
+
+
+# Row indices of an elementwise grid below this are divided in int32 (:func:`rows_i32`).
+ROWS_I32_LIMIT = 2**31
+
+
+def rows_i32(dims: tuple[int, int, int], block_r: int) -> bool:
+    """Whether every row index of the grid over ``dims`` (up to the last block's end) and ``D1`` fit int32."""
+    D0, D1, _ = dims
+    return triton.cdiv(D0 * D1, block_r) * block_r < ROWS_I32_LIMIT and D1 < ROWS_I32_LIMIT
 
 
 def launch_geometry(dims: tuple[int, int, int], tile: int = TILE) -> tuple[int, int, int, int]:
@@ -291,7 +313,7 @@ def launch_fused(kernel, operands: list, out_dtype: torch.dtype, write_loss: boo
     gradient's pointer and strides and ``scale`` (the gradient of a lane is ``scale * g``); ``out_ptr``,
     ``part_ptr``, ``da_ptr``, ``db_ptr``, ``dc_ptr`` and the strides they share; ``R, D1, D2``; the two
     loss parameters; each float as two fp32 arguments (see :func:`split_float`); then the constexprs ``WRITE_LOSS, REDUCE, WRITE_DA, WRITE_DB, WRITE_DC, HAS_G,
-    G_SCALAR, BLOCK_R, BLOCK_C, ACC`` and ``flags``. Absent operands and outputs pass the partial-sums
+    G_SCALAR, BLOCK_R, BLOCK_C, ROWS_I32, ACC`` and ``flags``. Absent operands and outputs pass the partial-sums
     buffer (never read or written). A forward with ``reduce`` and ``needs`` writes the gradients of the
     reduced loss in the same pass (each operand read once, each gradient written once).
 
@@ -336,7 +358,8 @@ def launch_fused(kernel, operands: list, out_dtype: torch.dtype, write_loss: boo
             *split_float(params[1]),
             WRITE_LOSS=write_loss, REDUCE=reduce, WRITE_DA=bool(needs[0]), WRITE_DB=bool(needs[1]),
             WRITE_DC=bool(needs[2]), HAS_G=g is not None, G_SCALAR=g is not None and not any(gst),
-            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(acc), num_warps=NUM_WARPS, **flags,
+            BLOCK_R=block_r, BLOCK_C=block_c, ROWS_I32=rows_i32(dims, block_r), ACC=tl_acc(acc), num_warps=NUM_WARPS,
+            **flags,
         )  # fmt: skip
     return (part if reduce else out), grads
 

@@ -82,10 +82,10 @@ def _bce_fwd_kernel(
     R, D1, D2,  # rows (D0 * D1), the middle and the last collapsed dimension
     denom,  # the reduction's divisor: 1 ('sum') or the element count ('mean')
     LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, REDUCE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_I32: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Elementwise BCE loss of one tile: stored ('none') or summed into this program's partial."""
-    i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C)
+    i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C, ROWS_I32)
     x = load_tile(x_ptr, i0, i1, cols, xs0, xs1, xs2, mask, ACC)
     y = load_tile(y_ptr, i0, i1, cols, ys0, ys1, ys2, mask, ACC)
     if LOGITS:
@@ -117,10 +117,10 @@ def _bce_bwd_kernel(
     eps,  # floor of the probability gradient's denominator: torch's 1e-12 in the data dtype (0 for fp16)
     LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, G_SCALAR: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DY: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_I32: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Gradients of one tile of ``sum(g * loss)`` w.r.t. the input and the target."""
-    i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C)
+    i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C, ROWS_I32)
     x = load_tile(x_ptr, i0, i1, cols, xs0, xs1, xs2, mask, ACC)
     y = load_tile(y_ptr, i0, i1, cols, ys0, ys1, ys2, mask, ACC)
     g = load_upstream(g_ptr, i0, i1, cols, gs0, gs1, gs2, mask, ACC, G_SCALAR)

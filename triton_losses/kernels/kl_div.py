@@ -45,11 +45,11 @@ def _kl_fwd_kernel(
     part_ptr,  # (n_programs,) fp32 (fp64) partial sums, each divided by denom (REDUCE)
     R, D1, D2,  # rows (D0 * D1), the middle and the last collapsed dimension
     denom,  # the reduction's divisor: 1 ('sum'), the element count ('mean') or the batch size ('batchmean')
-    LOG_TARGET: tl.constexpr, REDUCE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    LOG_TARGET: tl.constexpr, REDUCE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_I32: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
     """Elementwise KL loss of one tile: stored ('none') or summed into this program's partial."""
-    i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C)
+    i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C, ROWS_I32)
     x = load_tile(x_ptr, i0, i1, cols, xs0, xs1, xs2, mask, ACC)
     y = load_tile(y_ptr, i0, i1, cols, ys0, ys1, ys2, mask, ACC)
     if LOG_TARGET:
@@ -67,10 +67,10 @@ def _kl_bwd_kernel(
     dx_ptr, dy_ptr, os0, os1, os2,  # gradients w.r.t. input and target, one shared layout
     R, D1, D2,  # rows (D0 * D1), the middle and the last collapsed dimension
     LOG_TARGET: tl.constexpr, G_SCALAR: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DY: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_I32: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Gradients of one tile of ``sum(g * loss)`` w.r.t. input and target."""
-    i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C)
+    i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C, ROWS_I32)
     x = load_tile(x_ptr, i0, i1, cols, xs0, xs1, xs2, mask, ACC)
     y = load_tile(y_ptr, i0, i1, cols, ys0, ys1, ys2, mask, ACC)
     g = load_upstream(g_ptr, i0, i1, cols, gs0, gs1, gs2, mask, ACC, G_SCALAR)

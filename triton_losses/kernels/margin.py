@@ -92,10 +92,10 @@ def _margin_kernel(
     LOSS: tl.constexpr, HAS_C: tl.constexpr,
     WRITE_LOSS: tl.constexpr, REDUCE: tl.constexpr, WRITE_DA: tl.constexpr, WRITE_DB: tl.constexpr,
     WRITE_DC: tl.constexpr, HAS_G: tl.constexpr, G_SCALAR: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_I32: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """One tile of a margin loss: its loss (stored or summed) and / or its gradients."""
-    i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C)
+    i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C, ROWS_I32)
     a = load_tile(a_ptr, i0, i1, cols, as0, as1, as2, mask, ACC)
     b = load_tile(b_ptr, i0, i1, cols, bs0, bs1, bs2, mask, ACC)
     c = b

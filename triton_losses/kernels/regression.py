@@ -145,10 +145,10 @@ def _regression_kernel(
     LOSS: tl.constexpr, LOG_INPUT: tl.constexpr, FULL: tl.constexpr, HAS_V: tl.constexpr,
     WRITE_LOSS: tl.constexpr, REDUCE: tl.constexpr, WRITE_DA: tl.constexpr, WRITE_DB: tl.constexpr,
     WRITE_DC: tl.constexpr, HAS_G: tl.constexpr, G_SCALAR: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_I32: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """One tile of a regression loss: its loss (stored or summed) and / or its gradients."""
-    i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C)
+    i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C, ROWS_I32)
     x = load_tile(x_ptr, i0, i1, cols, xs0, xs1, xs2, mask, ACC)
     y = load_tile(y_ptr, i0, i1, cols, ys0, ys1, ys2, mask, ACC)
     if HAS_V:
