@@ -210,16 +210,26 @@ def _ce_row_coefs(w_t, lse, rscale, wsum, C, smoothing, z_loss, S1,
 
 
 @triton.jit
+def _assert_targets(ignored, inb, rmask):
+    """The device assert on index targets (kept by the CUDA launches' ``debug``).
+
+    An assert is a call on the GPU, and the registers live across it go to the stack: the forward
+    places it at the end of a block of rows, where the least is live (a persistent program's loop
+    state only), not before the row passes.
+    """
+    tl.device_assert(ignored | inb | ~rmask, "cross_entropy / nll_loss: target out of bounds")
+
+
+@triton.jit
 def _index_targets(t_ptr, toff, w_ptr, s_w, rmask, C, ignore_index, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
     """Index targets of a block of rows: ``(target, ignored, in_range, clamped, class_weight)``.
 
     The clamped index is the one loads use, so an out-of-range target never reads out of bounds;
-    on CUDA it trips the device assert.
+    on CUDA it trips the device assert of :func:`_assert_targets`, which the caller places.
     """
     tgt = tl.load(t_ptr + toff, mask=rmask, other=0).to(tl.int64)
     ignored = tgt == ignore_index
     inb = (tgt >= 0) & (tgt < C)
-    tl.device_assert(ignored | inb | ~rmask, "cross_entropy / nll_loss: target out of bounds")
     tsafe = tl.where(inb, tgt, 0)
     if HAS_WEIGHT:
         w_t = tl.load(w_ptr + tsafe * s_w, mask=rmask & inb, other=0.0).to(ACC)
@@ -448,6 +458,8 @@ def _ce_fwd_block(
                       C, 0, C, smoothing, softcap,
                       HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, False,
                       BLOCK_C, ACC, EVICT_2ND, ALIGN)  # fmt: skip
+    if not PROB_TARGET:
+        _assert_targets(ignored, inb, rmask)
 
 
 @triton.jit
@@ -510,6 +522,7 @@ def _ce_bwd_kernel(
             S1 = (1.0 - smoothing) * S1 + smoothing * wsum / C
     else:
         tgt, ignored, inb, _, w_t = _index_targets(t_ptr, toff, w_ptr, s_w, rmask, NC, ignore_index, HAS_WEIGHT, ACC)
+        _assert_targets(ignored, inb, rmask)
         rscale = tl.where(ignored, 0.0, tl.where(inb, coef, float("nan")))
         tgt = tgt - c_off  # the local column of the target (outside [0, C) when another slice holds it)
     a_rs, own_rs = _ce_row_coefs(w_t, lse, rscale, wsum, NC, smoothing, z_loss, S1,
