@@ -263,3 +263,51 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(chunks._fwd_op, (h, w, b, th, 1.1, True, 2))
     args = (h, w, b, th, m, s, ent, torch.randn(5), torch.randn(5), [True, True, False], 1.1, 2, torch.float32)
     torch.library.opcheck(chunks._bwd_op, args)
+
+
+# ---- rows that do not start 16-byte aligned (odd vocabularies such as 50257) ---------------------
+
+
+@pytest.fixture
+def aligned_split(monkeypatch):
+    """The kernels' aligned split (``_common.row_align``), on for CPU tensors too; returns the ALIGNs launched."""
+    pytest.importorskip("triton")
+    from triton_losses.kernels import _common
+    from triton_losses.kernels import logprobs as k
+
+    monkeypatch.setenv("TRITON_LOSSES_BACKEND", "triton")
+    monkeypatch.setattr(_common, "ALIGN_IN_INTERPRETER", True)
+    seen = []
+
+    def recorded(*args):
+        seen.append(_common.row_align(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(k, "row_align", recorded)
+    return seen
+
+
+UNALIGNED = [(torch.float64, 1031), (torch.float32, 1030), (torch.float32, 4097), (torch.float32, 9001)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype,V", [*UNALIGNED, (torch.bfloat16, 4099)], ids=str)
+def test_unaligned_rows_split_for_16_byte_accesses(aligned_split, dtype, V):
+    """Rows of an odd length start at every offset modulo 16 bytes: heads of every length; no whole tile
+    (V = 1030: one masked tile of 2048), one (4097), several (9001: fp32 tiles of 4096); both outputs
+    differentiated; non-finite logits and tokens in the edge tile."""
+    logits = (torch.randn(5, V, dtype=torch.float64) * 3).to(dtype)
+    logits[1, 0] = logits[2, -1] = float("-inf")
+    tokens = torch.randint(0, V, (5,))
+    tokens[3], tokens[4] = 0, V - 1  # tokens in the edge tile
+    _check_token(logits, tokens, 0.8, True, lowp=dtype == torch.bfloat16)
+    _check_token(logits, tokens, 1.0, False, lowp=dtype == torch.bfloat16)
+    assert set(aligned_split) == {16 // logits.element_size()}
+
+
+@pytest.mark.interpreter
+def test_unaligned_linear_token_logprobs(aligned_split):
+    """The chunked linear path: its logits buffer rows of an odd vocabulary, the gradient written in place."""
+    x, w = torch.randn(2, 7, 16), torch.randn(1031, 16) * 0.3
+    _check_linear(x, w, torch.randn(1031), torch.randint(0, 1031, (2, 7)), 0.9, True, 4)
+    assert set(aligned_split) == {4}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import triton.language as tl
 
 from triton_losses.kernels import logprobs as k
-from triton_losses.kernels._common import launch_config
+from triton_losses.kernels._common import launch_config, row_align
 
-from ._case import DTYPES, FLOAT_NAMES, ODD_VOCAB, ROWS, VOCAB, case, reachable
+from ._case import DTYPES, FLOAT_NAMES, ODD_VOCAB, ROWS, VOCAB, case, meta, reachable
 
 _GRAD_FLAGS = ((True, False), (True, True), (False, True))  # (HAS_GLP, HAS_GENT)
 
@@ -28,10 +28,12 @@ def _launch_cases(name: str, V: int, contiguous: bool, launch: str, all_flags: b
     """Forward and backward kernels of one launch: every flag combination, or one of each."""
     block_r, block_c, warps = launch_config(V, DTYPES[name].itemsize, contiguous)
     acc = tl.float64 if name == "fp64" else tl.float32
-    tile = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc)
+    x = meta(ROWS, V, dtype=name) if contiguous else meta(V, ROWS, dtype=name).t()
+    align = row_align(x[:, :, None], block_r, x)  # > 1: odd rows split for 16-byte accesses
+    tile = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc, ALIGN=align)
     common = dict(ptrs=_ptrs(name), scalars=_scalars(V, contiguous), num_warps=warps, launch=launch)
     aligned = contiguous and V * DTYPES[name].itemsize % 16 == 0  # rows start on 16-byte boundaries
-    io = ("load", "store") if aligned else ()
+    io = ("load", "store") if aligned or align > 1 else ()
     for entropy in (True, False) if all_flags else (True,):
         yield case(k._logprobs_fwd_kernel, constexprs=dict(ENTROPY=entropy, **tile), vector_io=io[:1], **common)
     for glp, gent in _GRAD_FLAGS if all_flags else _GRAD_FLAGS[1:2]:

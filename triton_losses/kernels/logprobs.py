@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._precision import acc_dtype
-from ._common import NEG_INF, launch_config, on_device, online_lse_finish, online_lse_update, row_block, tl_acc
+from ._common import NEG_INF, aligned_split, launch_config, on_device, online_lse_update, row_align, row_block, tl_acc
 
 
 @triton.jit
@@ -58,15 +58,46 @@ def _token_targets(tok_ptr, s_tok, rows, rmask, V):
 
 
 @triton.jit
+def _fwd_tile(m, s, t, x_ptr, xrow, rel, mask, inv_t, MASKED: tl.constexpr, ENTROPY: tl.constexpr, ACC: tl.constexpr):
+    """Fold the logits at ``xrow[:, None] + rel[None, :]`` (under ``mask`` when ``MASKED``) into the per-lane
+    running ``(m, s, t)`` of the tile's shape."""
+    if MASKED:
+        x = tl.load(x_ptr + xrow[:, None] + rel[None, :], mask=mask, other=NEG_INF)
+    else:
+        x = tl.load(x_ptr + xrow[:, None] + rel[None, :])
+    z = x.to(ACC) * inv_t
+    if ENTROPY:
+        m, s, t = _online_entropy_update(m, s, t, z)
+    else:
+        m, s = online_lse_update(m, s, z)
+    return m, s, t
+
+
+@triton.jit
+def _edges(V, head, rest, ALIGN: tl.constexpr):
+    """The columns an aligned split leaves to one ``2 * ALIGN``-wide tile: the ``head`` before the first
+    16-byte boundary and the last ``rest``; ``(columns, which are real)``."""
+    rel = tl.arange(0, 2 * ALIGN)
+    first = rel < ALIGN
+    cols = tl.where(first, rel, V - rest + rel - ALIGN).to(tl.int64)
+    return cols, tl.where(first, rel < head, rel - ALIGN < rest)
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     x_ptr, s_xr, s_xc,  # logits (R, V)
     tok_ptr, s_tok,  # tokens (R,) int32 / int64
     temp_ptr,  # (1,) temperature, fp32 (fp64 for fp64 logits)
     logp_ptr, ent_ptr, max_ptr, sum_ptr,  # per-row outputs (R,), fp32 (fp64); ent_ptr written if ENTROPY
     R, V,
-    ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """Per-row ``log softmax(x / T)[token]`` (and entropy), row max and sum of exponentials, for ``BLOCK_R`` rows."""
+    """Per-row ``log softmax(x / T)[token]`` (and entropy), row max and sum of exponentials, for ``BLOCK_R`` rows.
+
+    ``ALIGN > 1`` (one row of contiguous logits, ``_common.row_align``): the row's aligned middle streams
+    as whole unmasked tiles and an aligned rest masked in 16-byte units; its first and last few columns
+    (``_common.aligned_split``) take one small tile with running sums of its own, merged at the end.
+    """
     rows, rmask = row_block(R, BLOCK_R)
     xoff = rows * s_xr
     inv_t = 1.0 / tl.load(temp_ptr).to(ACC)
@@ -75,22 +106,36 @@ def _logprobs_fwd_kernel(
     m = tl.full([BLOCK_R, BLOCK_C], NEG_INF, ACC)
     s = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     t = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-    for c0 in range(0, V, BLOCK_C):
-        cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        mask = rmask[:, None] & (cols < V)[None, :]
-        z = tl.load(x_ptr + xoff[:, None] + cols[None, :] * s_xc, mask=mask, other=NEG_INF).to(ACC) * inv_t
-        if ENTROPY:
-            m, s, t = _online_entropy_update(m, s, t, z)
-        else:
-            m, s = online_lse_update(m, s, z)
-    mr, sr = online_lse_finish(m, s)
+    me = tl.full([BLOCK_R, 2 * ALIGN], NEG_INF, ACC)
+    se = tl.zeros([BLOCK_R, 2 * ALIGN], ACC)
+    te = tl.zeros([BLOCK_R, 2 * ALIGN], ACC)
+    if ALIGN > 1:
+        head, full, tail, rest = aligned_split(xoff, V, ALIGN, BLOCK_C)
+        rel = tl.arange(0, BLOCK_C).to(tl.int64)
+        for k in range(full):
+            m, s, t = _fwd_tile(m, s, t, x_ptr, tl.multiple_of(xoff + head + k * BLOCK_C, ALIGN), rel, rmask[:, None],
+                                inv_t, False, ENTROPY, ACC)  # fmt: skip
+        tail_mask = rmask[:, None] & (rel < tail)[None, :]
+        m, s, t = _fwd_tile(m, s, t, x_ptr, tl.multiple_of(xoff + head + full * BLOCK_C, ALIGN), rel, tail_mask,
+                            inv_t, True, ENTROPY, ACC)  # fmt: skip
+        ecols, emask = _edges(V, head, rest, ALIGN)
+        me, se, te = _fwd_tile(me, se, te, x_ptr, xoff, ecols, rmask[:, None] & emask[None, :], inv_t, True,
+                               ENTROPY, ACC)  # fmt: skip
+    else:
+        for c0 in range(0, V, BLOCK_C):
+            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+            mask = rmask[:, None] & (cols < V)[None, :]
+            m, s, t = _fwd_tile(m, s, t, x_ptr, xoff, cols * s_xc, mask, inv_t, True, ENTROPY, ACC)
+    mr = tl.maximum(tl.max(m, 1), tl.max(me, 1))
+    shift = tl.where(mr == NEG_INF, 0.0, mr)
+    sr = tl.sum(s * tl.exp(m - shift[:, None]), 1) + tl.sum(se * tl.exp(me - shift[:, None]), 1)
     log_s = tl.log(sr)
     logp = tl.where(inb, (z_t - mr) - log_s, float("nan"))
     tl.store(logp_ptr + rows, logp.to(logp_ptr.dtype.element_ty), mask=rmask)
     tl.store(max_ptr + rows, mr.to(max_ptr.dtype.element_ty), mask=rmask)
     tl.store(sum_ptr + rows, sr.to(sum_ptr.dtype.element_ty), mask=rmask)
     if ENTROPY:
-        ent = log_s - _entropy_sum(m, s, t, mr) / sr
+        ent = log_s - (_entropy_sum(m, s, t, mr) + _entropy_sum(me, se, te, mr)) / sr
         tl.store(ent_ptr + rows, ent.to(ent_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -104,9 +149,10 @@ def _logprobs_bwd_kernel(
     g_ptr, s_gr, s_gc,  # gradient w.r.t. the logits (R, V); may be the logits themselves
     R, V,
     HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """``d/dx`` of ``sum_r glp_r * logp_r + gent_r * entropy_r`` for ``BLOCK_R`` rows, one pass over each row."""
+    """``d/dx`` of ``sum_r glp_r * logp_r + gent_r * entropy_r`` for ``BLOCK_R`` rows, one pass over each row
+    (``ALIGN > 1``: split as in the forward, the gradient at the logits' offsets)."""
     rows, rmask = row_block(R, BLOCK_R)
     xoff = rows * s_xr
     goff = rows * s_gr
@@ -125,20 +171,54 @@ def _logprobs_bwd_kernel(
         gent = tl.load(gent_ptr + rows, mask=rmask, other=0.0).to(ACC)
         ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0).to(ACC)
     rscale = tl.where(inb, inv_t, float("nan"))
-    for c0 in range(0, V, BLOCK_C):
-        cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        mask = rmask[:, None] & (cols < V)[None, :]
-        z = tl.load(x_ptr + xoff[:, None] + cols[None, :] * s_xc, mask=mask, other=0.0).to(ACC) * inv_t
-        lz = z - mr[:, None]
-        p = tl.exp(lz) * inv_s[:, None]
-        d = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-        if HAS_GLP:
-            d = tl.where(cols[None, :] == tok[:, None], glp[:, None], 0.0) - glp[:, None] * p
-        if HAS_GENT:
-            h = p * (lz - log_s[:, None] + ent[:, None])
-            d -= gent[:, None] * tl.where(p > 0.0, h, 0.0)
-        d = d * rscale[:, None]
-        tl.store(g_ptr + goff[:, None] + cols[None, :] * s_gc, d.to(g_ptr.dtype.element_ty), mask=mask)
+    if ALIGN > 1:  # as in the forward: the aligned middle unmasked, its rest in 16-byte units, one tile of edges
+        head, full, tail, rest = aligned_split(xoff, V, ALIGN, BLOCK_C)
+        rel = tl.arange(0, BLOCK_C).to(tl.int64)
+        for k in range(full):
+            c0 = head + k * BLOCK_C
+            _bwd_tile(x_ptr, tl.multiple_of(xoff + c0, ALIGN), g_ptr, tl.multiple_of(goff + c0, ALIGN), rel, c0 + rel,
+                      rmask[:, None], tok, mr, log_s, inv_s, inv_t, glp, gent, ent, rscale, rel, False, HAS_GLP,
+                      HAS_GENT, ACC)  # fmt: skip
+        c0 = head + full * BLOCK_C
+        _bwd_tile(x_ptr, tl.multiple_of(xoff + c0, ALIGN), g_ptr, tl.multiple_of(goff + c0, ALIGN), rel, c0 + rel,
+                  rmask[:, None] & (rel < tail)[None, :], tok, mr, log_s, inv_s, inv_t, glp, gent, ent, rscale, rel,
+                  True, HAS_GLP, HAS_GENT, ACC)  # fmt: skip
+        ecols, emask = _edges(V, head, rest, ALIGN)
+        _bwd_tile(x_ptr, xoff, g_ptr, goff, ecols, ecols, rmask[:, None] & emask[None, :], tok, mr, log_s, inv_s,
+                  inv_t, glp, gent, ent, rscale, ecols, True, HAS_GLP, HAS_GENT, ACC)  # fmt: skip
+    else:
+        for c0 in range(0, V, BLOCK_C):
+            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+            mask = rmask[:, None] & (cols < V)[None, :]
+            _bwd_tile(x_ptr, xoff, g_ptr, goff, cols * s_xc, cols, mask, tok, mr, log_s, inv_s, inv_t, glp, gent, ent,
+                      rscale, cols * s_gc, True, HAS_GLP, HAS_GENT, ACC)  # fmt: skip
+
+
+@triton.jit
+def _bwd_tile(
+    x_ptr, xrow, g_ptr, grow, rel, cols, mask, tok, mr, log_s, inv_s, inv_t, glp, gent, ent, rscale,
+    grel, MASKED: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """The gradient at the logits ``xrow[:, None] + rel[None, :]`` (columns ``cols``), stored at ``grow[:, None]
+    + grel[None, :]``; under ``mask`` when ``MASKED``."""
+    if MASKED:
+        x = tl.load(x_ptr + xrow[:, None] + rel[None, :], mask=mask, other=0.0)
+    else:
+        x = tl.load(x_ptr + xrow[:, None] + rel[None, :])
+    z = x.to(ACC) * inv_t
+    lz = z - mr[:, None]
+    p = tl.exp(lz) * inv_s[:, None]
+    d = tl.zeros(z.shape, ACC)
+    if HAS_GLP:
+        d = tl.where(cols[None, :] == tok[:, None], glp[:, None], 0.0) - glp[:, None] * p
+    if HAS_GENT:
+        h = p * (lz - log_s[:, None] + ent[:, None])
+        d -= gent[:, None] * tl.where(p > 0.0, h, 0.0)
+    d = (d * rscale[:, None]).to(g_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(g_ptr + grow[:, None] + grel[None, :], d, mask=mask)
+    else:
+        tl.store(g_ptr + grow[:, None] + grel[None, :], d)
 
 
 def _config(x: Tensor) -> tuple[int, int, int]:
@@ -175,7 +255,8 @@ def logprobs_fwd(x: Tensor, tokens: Tensor, temperature: float, entropy: bool) -
         _logprobs_fwd_kernel[(triton.cdiv(R, block_r),)](
             x, x.stride(0), x.stride(1), tokens, tokens.stride(0), _temperature(x, temperature),
             logp, ent if entropy else logp, row_max, row_sum, R, V,
-            ENTROPY=entropy, BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps,
+            ENTROPY=entropy, BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), ALIGN=row_align(x[:, :, None], block_r),
+            num_warps=warps,
         )  # fmt: skip
     return logp, ent, row_max, row_sum
 
@@ -219,7 +300,8 @@ def logprobs_bwd(
             g_logp if g_logp is not None else row_max, g_ent if g_ent is not None else row_max,
             grad, grad.stride(0), grad.stride(1), R, V,
             HAS_GLP=g_logp is not None, HAS_GENT=g_ent is not None,
-            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps,
+            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), ALIGN=row_align(x[:, :, None], block_r, grad),
+            num_warps=warps,
         )  # fmt: skip
     return grad
 
