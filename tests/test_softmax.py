@@ -174,3 +174,36 @@ def test_custom_ops_pass_opcheck(device):
         torch.library.opcheck(k.softmax_fwd_op, (x, log))
         _, stats = k.softmax_fwd(x, log)
         torch.library.opcheck(k.softmax_bwd_op, (x, stats, torch.randn_like(x), log))
+
+
+# ---- rows that do not start 16-byte aligned (odd vocabularies such as 50257) ---------------------
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("fns", FNS, ids=IDS)
+@pytest.mark.parametrize(
+    "dtype,C", [(torch.float64, 1031), (torch.float32, 2051), (torch.float32, 9001), (torch.bfloat16, 4099)], ids=str
+)
+def test_unaligned_rows_split_for_16_byte_accesses(monkeypatch, fns, dtype, C):
+    """With the aligned split on (``_common.row_align``; off under the interpreter by default): rows starting
+    at every offset modulo 16 bytes, no whole tile (2051: one masked tile of 4096 fp32), one (4099 bf16: tiles
+    of 4096), several (9001); forward and backward (random upstream); -inf in the edge tiles."""
+    pytest.importorskip("triton")
+    from triton_losses.kernels import _common
+    from triton_losses.kernels import softmax as k
+
+    monkeypatch.setenv("TRITON_LOSSES_BACKEND", "triton")
+    monkeypatch.setattr(_common, "ALIGN_IN_INTERPRETER", True)
+    seen = []
+    monkeypatch.setattr(k, "row_align", lambda *a: seen.append(_common.row_align(*a)) or seen[-1])
+    ours_fn, torch_fn = fns
+    x = (torch.randn(5, C, dtype=torch.float64) * 3).to(dtype)
+    x[1, 0] = x[2, -1] = float("-inf")
+    xs, x64, xl = x.clone().requires_grad_(), x.double().requires_grad_(), x.clone().requires_grad_()
+    up = torch.randn(5, C, dtype=torch.float64)
+    ours, ref, lowp = ours_fn(xs, 1), torch_fn(x64, 1), torch_fn(xl, 1)
+    budget_close(ours, ref, lowp if dtype == torch.bfloat16 else None)
+    g = torch.autograd.grad(ours, xs, up.to(dtype))[0]
+    glow = torch.autograd.grad(lowp, xl, up.to(dtype))[0] if dtype == torch.bfloat16 else None
+    budget_close(g, torch.autograd.grad(ref, x64, up)[0], glow)
+    assert set(seen) == {16 // x.element_size()}, seen

@@ -118,6 +118,35 @@ def aligned_split(xoff, C, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def edge_columns(C, head, rest, ALIGN: tl.constexpr):
+    """The columns :func:`aligned_split` leaves to one ``2 * ALIGN``-wide tile: the ``head`` before the
+    first 16-byte boundary and the last ``rest``; ``(columns (int64), which are real)``."""
+    rel = tl.arange(0, 2 * ALIGN)
+    first = rel < ALIGN
+    cols = tl.where(first, rel, C - rest + rel - ALIGN).to(tl.int64)
+    return cols, tl.where(first, rel < head, rel - ALIGN < rest)
+
+
+@triton.jit
+def masked_load(ptr, mask, other, MASKED: tl.constexpr, EVICT: tl.constexpr):
+    """``tl.load`` of ``ptr``, under ``mask`` (``other`` elsewhere) when ``MASKED``."""
+    if MASKED:
+        v = tl.load(ptr, mask=mask, other=other, eviction_policy=EVICT)
+    else:
+        v = tl.load(ptr, eviction_policy=EVICT)
+    return v
+
+
+@triton.jit
+def masked_store(ptr, v, mask, MASKED: tl.constexpr, EVICT: tl.constexpr):
+    """``tl.store`` of ``v`` at ``ptr``, under ``mask`` when ``MASKED``."""
+    if MASKED:
+        tl.store(ptr, v, mask=mask, eviction_policy=EVICT)
+    else:
+        tl.store(ptr, v, eviction_policy=EVICT)
+
+
+@triton.jit
 def online_lse_block(m, s, x):
     """Fold a tile ``x`` ``(BLOCK_R, BLOCK_C)`` into per-row running ``(m, s)`` ``(BLOCK_R,)``: max and sum
     of ``exp(x - m)`` so far, one max / sum reduction per tile. ``-inf`` lanes add 0, and an all ``-inf``

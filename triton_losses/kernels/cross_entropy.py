@@ -33,6 +33,8 @@ from ._common import (
     aligned_split,
     assert_options,
     launch_config,
+    masked_load,
+    masked_store,
     on_device,
     online_lse_block,
     row_align,
@@ -131,13 +133,13 @@ def _ce_grad_block(
     if LOGP_INPUT:
         d = tl.where(cols[None, :] == tgt[:, None], -own_rs[:, None], 0.0)
     else:
-        x = _ld(x_ptr + xrow[:, None] + rel[None, :] * s_xc, mask, 0.0, MASKED, EVICT)
+        x = masked_load(x_ptr + xrow[:, None] + rel[None, :] * s_xc, mask, 0.0, MASKED, EVICT)
         x = _softcap(x.to(ACC), softcap, mask if MASKED else rmask[:, None], HAS_SOFTCAP)
         d = tl.exp(x - m[:, None]) * (a_rs * inv_s)[:, None]
         if HAS_WEIGHT:
-            w = _ld(w_ptr + (c_off + cols) * s_w, cmask, 0.0, MASKED, "").to(ACC)
+            w = masked_load(w_ptr + (c_off + cols) * s_w, cmask, 0.0, MASKED, "").to(ACC)
         if PROB_TARGET:
-            t = _ld(t_ptr + trow[:, None] + rel[None, :] * s_tc, mask, 0.0, MASKED, "")
+            t = masked_load(t_ptr + trow[:, None] + rel[None, :] * s_tc, mask, 0.0, MASKED, "")
             t = t.to(ACC)
             if HAS_SMOOTHING:
                 t = t * (1.0 - smoothing) + smoothing / NC
@@ -148,7 +150,9 @@ def _ce_grad_block(
                 dt = (lse[:, None] - x) * ((1.0 - smoothing) * rscale)[:, None]
                 if HAS_WEIGHT:
                     dt = dt * w[None, :]
-                _st(dt_ptr + dtrow[:, None] + rel[None, :] * s_dtc, dt.to(dt_ptr.dtype.element_ty), mask, MASKED, "")
+                masked_store(
+                    dt_ptr + dtrow[:, None] + rel[None, :] * s_dtc, dt.to(dt_ptr.dtype.element_ty), mask, MASKED, ""
+                )
         else:
             d -= tl.where(cols[None, :] == tgt[:, None], own_rs[:, None], 0.0)
             if HAS_SMOOTHING:
@@ -159,26 +163,7 @@ def _ce_grad_block(
         if HAS_SOFTCAP:
             y = x / softcap
             d = d * (1.0 - y * y)
-    _st(g_ptr + grow[:, None] + rel[None, :] * s_gc, d.to(g_ptr.dtype.element_ty), mask, MASKED, EVICT)
-
-
-@triton.jit
-def _ld(ptr, mask, other, MASKED: tl.constexpr, EVICT: tl.constexpr):
-    """``tl.load`` of ``ptr``, under ``mask`` (``other`` elsewhere) when ``MASKED``."""
-    if MASKED:
-        v = tl.load(ptr, mask=mask, other=other, eviction_policy=EVICT)
-    else:
-        v = tl.load(ptr, eviction_policy=EVICT)
-    return v
-
-
-@triton.jit
-def _st(ptr, v, mask, MASKED: tl.constexpr, EVICT: tl.constexpr):
-    """``tl.store`` of ``v`` at ``ptr``, under ``mask`` when ``MASKED``."""
-    if MASKED:
-        tl.store(ptr, v, mask=mask, eviction_policy=EVICT)
-    else:
-        tl.store(ptr, v, eviction_policy=EVICT)
+    masked_store(g_ptr + grow[:, None] + rel[None, :] * s_gc, d.to(g_ptr.dtype.element_ty), mask, MASKED, EVICT)
 
 
 @triton.jit
@@ -322,11 +307,11 @@ def _ce_stats_block(
     mask = rmask[:, None] & cmask[None, :]
     rel = rel.to(tl.int64)
     cols = c0 + rel
-    x = _ld(x_ptr + xrow[:, None] + rel[None, :] * s_xc, mask, NEG_INF, MASKED, EVICT)
+    x = masked_load(x_ptr + xrow[:, None] + rel[None, :] * s_xc, mask, NEG_INF, MASKED, EVICT)
     x = _softcap(x.to(ACC), softcap, mask if MASKED else rmask[:, None], HAS_SOFTCAP)
     m, s = online_lse_block(m, s, x)
     if HAS_WEIGHT:
-        w = _ld(w_ptr + cols * s_w, cmask, 0.0, MASKED, "").to(ACC)[None, :]
+        w = masked_load(w_ptr + cols * s_w, cmask, 0.0, MASKED, "").to(ACC)[None, :]
     else:
         w = 1.0
     if HAS_SMOOTHING:
@@ -335,7 +320,7 @@ def _ce_stats_block(
             wx = tl.where(mask, wx, 0.0)
         swx += tl.sum(wx, 1)
     if PROB_TARGET:
-        t = _ld(t_ptr + trow[:, None] + rel[None, :] * s_tc, mask, 0.0, MASKED, "")
+        t = masked_load(t_ptr + trow[:, None] + rel[None, :] * s_tc, mask, 0.0, MASKED, "")
         wt = w * t.to(ACC)
         swt += tl.sum(wt, 1)
         wtx = wt * x

@@ -21,7 +21,19 @@ import triton.language as tl
 from torch import Tensor
 
 from .._precision import acc_dtype
-from ._common import NEG_INF, aligned_split, launch_config, on_device, online_lse_update, row_align, row_block, tl_acc
+from ._common import (
+    NEG_INF,
+    aligned_split,
+    edge_columns,
+    launch_config,
+    masked_load,
+    masked_store,
+    on_device,
+    online_lse_update,
+    row_align,
+    row_block,
+    tl_acc,
+)
 
 
 @triton.jit
@@ -61,26 +73,12 @@ def _token_targets(tok_ptr, s_tok, rows, rmask, V):
 def _fwd_tile(m, s, t, x_ptr, xrow, rel, mask, inv_t, MASKED: tl.constexpr, ENTROPY: tl.constexpr, ACC: tl.constexpr):
     """Fold the logits at ``xrow[:, None] + rel[None, :]`` (under ``mask`` when ``MASKED``) into the per-lane
     running ``(m, s, t)`` of the tile's shape."""
-    if MASKED:
-        x = tl.load(x_ptr + xrow[:, None] + rel[None, :], mask=mask, other=NEG_INF)
-    else:
-        x = tl.load(x_ptr + xrow[:, None] + rel[None, :])
-    z = x.to(ACC) * inv_t
+    z = masked_load(x_ptr + xrow[:, None] + rel[None, :], mask, NEG_INF, MASKED, "").to(ACC) * inv_t
     if ENTROPY:
         m, s, t = _online_entropy_update(m, s, t, z)
     else:
         m, s = online_lse_update(m, s, z)
     return m, s, t
-
-
-@triton.jit
-def _edges(V, head, rest, ALIGN: tl.constexpr):
-    """The columns an aligned split leaves to one ``2 * ALIGN``-wide tile: the ``head`` before the first
-    16-byte boundary and the last ``rest``; ``(columns, which are real)``."""
-    rel = tl.arange(0, 2 * ALIGN)
-    first = rel < ALIGN
-    cols = tl.where(first, rel, V - rest + rel - ALIGN).to(tl.int64)
-    return cols, tl.where(first, rel < head, rel - ALIGN < rest)
 
 
 @triton.jit
@@ -118,7 +116,7 @@ def _logprobs_fwd_kernel(
         tail_mask = rmask[:, None] & (rel < tail)[None, :]
         m, s, t = _fwd_tile(m, s, t, x_ptr, tl.multiple_of(xoff + head + full * BLOCK_C, ALIGN), rel, tail_mask,
                             inv_t, True, ENTROPY, ACC)  # fmt: skip
-        ecols, emask = _edges(V, head, rest, ALIGN)
+        ecols, emask = edge_columns(V, head, rest, ALIGN)
         me, se, te = _fwd_tile(me, se, te, x_ptr, xoff, ecols, rmask[:, None] & emask[None, :], inv_t, True,
                                ENTROPY, ACC)  # fmt: skip
     else:
@@ -183,7 +181,7 @@ def _logprobs_bwd_kernel(
         _bwd_tile(x_ptr, tl.multiple_of(xoff + c0, ALIGN), g_ptr, tl.multiple_of(goff + c0, ALIGN), rel, c0 + rel,
                   rmask[:, None] & (rel < tail)[None, :], tok, mr, log_s, inv_s, inv_t, glp, gent, ent, rscale, rel,
                   True, HAS_GLP, HAS_GENT, ACC)  # fmt: skip
-        ecols, emask = _edges(V, head, rest, ALIGN)
+        ecols, emask = edge_columns(V, head, rest, ALIGN)
         _bwd_tile(x_ptr, xoff, g_ptr, goff, ecols, ecols, rmask[:, None] & emask[None, :], tok, mr, log_s, inv_s,
                   inv_t, glp, gent, ent, rscale, ecols, True, HAS_GLP, HAS_GENT, ACC)  # fmt: skip
     else:
@@ -201,11 +199,7 @@ def _bwd_tile(
 ):  # fmt: skip
     """The gradient at the logits ``xrow[:, None] + rel[None, :]`` (columns ``cols``), stored at ``grow[:, None]
     + grel[None, :]``; under ``mask`` when ``MASKED``."""
-    if MASKED:
-        x = tl.load(x_ptr + xrow[:, None] + rel[None, :], mask=mask, other=0.0)
-    else:
-        x = tl.load(x_ptr + xrow[:, None] + rel[None, :])
-    z = x.to(ACC) * inv_t
+    z = masked_load(x_ptr + xrow[:, None] + rel[None, :], mask, 0.0, MASKED, "").to(ACC) * inv_t
     lz = z - mr[:, None]
     p = tl.exp(lz) * inv_s[:, None]
     d = tl.zeros(z.shape, ACC)
@@ -214,11 +208,9 @@ def _bwd_tile(
     if HAS_GENT:
         h = p * (lz - log_s[:, None] + ent[:, None])
         d -= gent[:, None] * tl.where(p > 0.0, h, 0.0)
-    d = (d * rscale[:, None]).to(g_ptr.dtype.element_ty)
-    if MASKED:
-        tl.store(g_ptr + grow[:, None] + grel[None, :], d, mask=mask)
-    else:
-        tl.store(g_ptr + grow[:, None] + grel[None, :], d)
+    masked_store(
+        g_ptr + grow[:, None] + grel[None, :], (d * rscale[:, None]).to(g_ptr.dtype.element_ty), mask, MASKED, ""
+    )
 
 
 def _config(x: Tensor) -> tuple[int, int, int]:
