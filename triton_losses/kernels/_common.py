@@ -128,6 +128,18 @@ def edge_columns(C, head, rest, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def aligned_tiles(xoff, C, rmask, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr):
+    """What a one-row kernel over an unaligned row needs to stream it (``aligned_split`` + ``edge_columns``):
+    ``(head, full, rel, tail_mask, edge_cols, edge_mask)``. Tile ``k < full`` starts at column
+    ``head + k * BLOCK_C`` (offsets ``rel``, no mask), the aligned rest at ``head + full * BLOCK_C`` under
+    ``tail_mask``, and the first / last columns are ``edge_cols`` under ``edge_mask`` (masks with ``rmask``)."""
+    head, full, tail, rest = aligned_split(xoff, C, ALIGN, BLOCK_C)
+    rel = tl.arange(0, BLOCK_C).to(tl.int64)
+    ecols, emask = edge_columns(C, head, rest, ALIGN)
+    return head, full, rel, rmask[:, None] & (rel < tail)[None, :], ecols, rmask[:, None] & emask[None, :]
+
+
+@triton.jit
 def masked_load(ptr, mask, other, MASKED: tl.constexpr, EVICT: tl.constexpr):
     """``tl.load`` of ``ptr``, under ``mask`` (``other`` elsewhere) when ``MASKED``."""
     if MASKED:

@@ -23,8 +23,7 @@ from torch import Tensor
 from .._precision import acc_dtype
 from ._common import (
     NEG_INF,
-    aligned_split,
-    edge_columns,
+    aligned_tiles,
     launch_config,
     masked_load,
     masked_store,
@@ -94,7 +93,7 @@ def _logprobs_fwd_kernel(
 
     ``ALIGN > 1`` (one row of contiguous logits, ``_common.row_align``): the row's aligned middle streams
     as whole unmasked tiles and an aligned rest masked in 16-byte units; its first and last few columns
-    (``_common.aligned_split``) take one small tile with running sums of its own, merged at the end.
+    (``_common.aligned_tiles``) take one small tile with running sums of its own, merged at the end.
     """
     rows, rmask = row_block(R, BLOCK_R)
     xoff = rows * s_xr
@@ -108,17 +107,13 @@ def _logprobs_fwd_kernel(
     se = tl.zeros([BLOCK_R, 2 * ALIGN], ACC)
     te = tl.zeros([BLOCK_R, 2 * ALIGN], ACC)
     if ALIGN > 1:
-        head, full, tail, rest = aligned_split(xoff, V, ALIGN, BLOCK_C)
-        rel = tl.arange(0, BLOCK_C).to(tl.int64)
+        head, full, rel, tail_mask, ecols, emask = aligned_tiles(xoff, V, rmask, ALIGN, BLOCK_C)
         for k in range(full):
             m, s, t = _fwd_tile(m, s, t, x_ptr, tl.multiple_of(xoff + head + k * BLOCK_C, ALIGN), rel, rmask[:, None],
                                 inv_t, False, ENTROPY, ACC)  # fmt: skip
-        tail_mask = rmask[:, None] & (rel < tail)[None, :]
         m, s, t = _fwd_tile(m, s, t, x_ptr, tl.multiple_of(xoff + head + full * BLOCK_C, ALIGN), rel, tail_mask,
                             inv_t, True, ENTROPY, ACC)  # fmt: skip
-        ecols, emask = edge_columns(V, head, rest, ALIGN)
-        me, se, te = _fwd_tile(me, se, te, x_ptr, xoff, ecols, rmask[:, None] & emask[None, :], inv_t, True,
-                               ENTROPY, ACC)  # fmt: skip
+        me, se, te = _fwd_tile(me, se, te, x_ptr, xoff, ecols, emask, inv_t, True, ENTROPY, ACC)
     else:
         for c0 in range(0, V, BLOCK_C):
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
@@ -170,8 +165,7 @@ def _logprobs_bwd_kernel(
         ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0).to(ACC)
     rscale = tl.where(inb, inv_t, float("nan"))
     if ALIGN > 1:  # as in the forward: the aligned middle unmasked, its rest in 16-byte units, one tile of edges
-        head, full, tail, rest = aligned_split(xoff, V, ALIGN, BLOCK_C)
-        rel = tl.arange(0, BLOCK_C).to(tl.int64)
+        head, full, rel, tail_mask, ecols, emask = aligned_tiles(xoff, V, rmask, ALIGN, BLOCK_C)
         for k in range(full):
             c0 = head + k * BLOCK_C
             _bwd_tile(x_ptr, tl.multiple_of(xoff + c0, ALIGN), g_ptr, tl.multiple_of(goff + c0, ALIGN), rel, c0 + rel,
@@ -179,11 +173,10 @@ def _logprobs_bwd_kernel(
                       HAS_GENT, ACC)  # fmt: skip
         c0 = head + full * BLOCK_C
         _bwd_tile(x_ptr, tl.multiple_of(xoff + c0, ALIGN), g_ptr, tl.multiple_of(goff + c0, ALIGN), rel, c0 + rel,
-                  rmask[:, None] & (rel < tail)[None, :], tok, mr, log_s, inv_s, inv_t, glp, gent, ent, rscale, rel,
-                  True, HAS_GLP, HAS_GENT, ACC)  # fmt: skip
-        ecols, emask = edge_columns(V, head, rest, ALIGN)
-        _bwd_tile(x_ptr, xoff, g_ptr, goff, ecols, ecols, rmask[:, None] & emask[None, :], tok, mr, log_s, inv_s,
-                  inv_t, glp, gent, ent, rscale, ecols, True, HAS_GLP, HAS_GENT, ACC)  # fmt: skip
+                  tail_mask, tok, mr, log_s, inv_s, inv_t, glp, gent, ent, rscale, rel, True, HAS_GLP, HAS_GENT,
+                  ACC)  # fmt: skip
+        _bwd_tile(x_ptr, xoff, g_ptr, goff, ecols, ecols, emask, tok, mr, log_s, inv_s, inv_t, glp, gent, ent, rscale,
+                  ecols, True, HAS_GLP, HAS_GENT, ACC)  # fmt: skip
     else:
         for c0 in range(0, V, BLOCK_C):
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)

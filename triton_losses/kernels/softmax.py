@@ -19,8 +19,7 @@ import triton.language as tl
 from .._precision import acc_dtype
 from ._common import (
     NEG_INF,
-    aligned_split,
-    edge_columns,
+    aligned_tiles,
     launch_config,
     masked_load,
     masked_store,
@@ -66,7 +65,7 @@ def _softmax_fwd_kernel(
 
     ``ALIGN > 1`` (one row of contiguous elements, ``y`` at ``x``'s offsets; ``_common.row_align``): both
     passes stream the row's aligned middle as whole unmasked tiles and an aligned rest masked in 16-byte
-    units, and its first and last few columns as one small tile (``aligned_split`` / ``edge_columns``).
+    units, and its first and last few columns as one small tile (``aligned_tiles``).
     """
     rows, rmask = row_block(R, BLOCK_R)
     xoff = row_offsets(rows, B, s_xa, s_xb)
@@ -88,11 +87,7 @@ def _softmax_fwd_kernel(
         m = tl.full([BLOCK_R], NEG_INF, ACC)
         s = tl.zeros([BLOCK_R], ACC)
         if ALIGN > 1:
-            head, full, tail, rest = aligned_split(xoff, C, ALIGN, BLOCK_C)
-            rel = tl.arange(0, BLOCK_C).to(tl.int64)
-            tmask = rmask[:, None] & (rel < tail)[None, :]
-            ecols, emask = edge_columns(C, head, rest, ALIGN)
-            emask = rmask[:, None] & emask[None, :]
+            head, full, rel, tmask, ecols, emask = aligned_tiles(xoff, C, rmask, ALIGN, BLOCK_C)
             m, s = _stats_tile(m, s, x_ptr, xoff, ecols, emask, True, ACC)
             for k in range(full):
                 m, s = _stats_tile(m, s, x_ptr, tl.multiple_of(xoff + head + k * BLOCK_C, ALIGN), rel, rmask[:, None],
@@ -173,11 +168,7 @@ def _softmax_bwd_kernel(
     inv_s = 1.0 / tl.load(stats_ptr + 2 * rows + 1, mask=rmask, other=1.0).to(ACC)
     acc = tl.zeros([BLOCK_R], ACC)
     if ALIGN > 1:
-        head, full, tail, rest = aligned_split(xoff, C, ALIGN, BLOCK_C)
-        rel = tl.arange(0, BLOCK_C).to(tl.int64)
-        tmask = rmask[:, None] & (rel < tail)[None, :]
-        ecols, emask = edge_columns(C, head, rest, ALIGN)
-        emask = rmask[:, None] & emask[None, :]
+        head, full, rel, tmask, ecols, emask = aligned_tiles(xoff, C, rmask, ALIGN, BLOCK_C)
         acc = _sum_tile(acc, x_ptr, xoff, ecols, g_ptr, goff, ecols, emask, m, inv_s, LOG, True, ACC)
         for k in range(full):
             c0 = head + k * BLOCK_C
