@@ -178,9 +178,15 @@ def online_lse_finish(m, s):
     NaN sum; an all ``-inf`` row gets max ``-inf`` and sum 0.
     """
     mr = tl.max(m, 1)
+    return mr, lanes_sum_exp(m, s, mr)
+
+
+@triton.jit
+def lanes_sum_exp(m, s, mr):
+    """Per-row sum of ``exp(x - mr)`` from per-lane running ``(m, s)`` tiles and a row max ``mr`` at least
+    theirs (several sets of lanes of one row, each summed against the row's max, add up)."""
     shift = tl.where(mr == NEG_INF, 0.0, mr)
-    sr = tl.sum(s * tl.exp(m - shift[:, None]), 1)
-    return mr, sr
+    return tl.sum(s * tl.exp(m - shift[:, None]), 1)
 
 
 def tl_acc(dtype: torch.dtype):

@@ -49,12 +49,10 @@ def tile_coords(R, D1, D2, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_I3
     cols = cb.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     if ROWS_I32:
         rows = rb.to(tl.int32) * BLOCK_R + tl.arange(0, BLOCK_R)
-        i0 = rows // D1
-        i1 = rows - i0 * D1
     else:
         rows = rb.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-        i0 = rows // D1
-        i1 = rows - i0 * D1
+    i0 = rows // D1
+    i1 = rows - i0 * D1
     mask = (rows < R)[:, None] & (cols < D2)[None, :]
     return i0.to(tl.int64), i1.to(tl.int64), cols, mask
 

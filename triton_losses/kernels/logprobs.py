@@ -24,6 +24,7 @@ from .._precision import acc_dtype
 from ._common import (
     NEG_INF,
     aligned_tiles,
+    lanes_sum_exp,
     launch_config,
     masked_load,
     masked_store,
@@ -120,8 +121,7 @@ def _logprobs_fwd_kernel(
             mask = rmask[:, None] & (cols < V)[None, :]
             m, s, t = _fwd_tile(m, s, t, x_ptr, xoff, cols * s_xc, mask, inv_t, True, ENTROPY, ACC)
     mr = tl.maximum(tl.max(m, 1), tl.max(me, 1))
-    shift = tl.where(mr == NEG_INF, 0.0, mr)
-    sr = tl.sum(s * tl.exp(m - shift[:, None]), 1) + tl.sum(se * tl.exp(me - shift[:, None]), 1)
+    sr = lanes_sum_exp(m, s, mr) + lanes_sum_exp(me, se, mr)
     log_s = tl.log(sr)
     logp = tl.where(inb, (z_t - mr) - log_s, float("nan"))
     tl.store(logp_ptr + rows, logp.to(logp_ptr.dtype.element_ty), mask=rmask)
