@@ -383,6 +383,69 @@ def test_double_backward_matches_the_fp64_formulas(backend, device, reduction):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+# ---- rows that do not start 16-byte aligned: the split kernels -----------------------------------
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "dtype,shape",
+    [
+        (torch.float64, (5, 1031)),
+        (torch.float32, (2, 3, 2051)),
+        (torch.float32, (5, 9001)),
+        (torch.bfloat16, (9, 4099)),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_unaligned_rows_split_for_16_byte_accesses(monkeypatch, dtype, shape, reduction):
+    """With the aligned split on (``_common.row_align``; off under the interpreter by default): rows starting
+    at every offset modulo 16 bytes, no whole tile (2051 fp32 in tiles of 4096), one (4099 bf16), several
+    (9001); the fused forward gradient ('batchmean') and the backward kernels ('none', random upstream);
+    zero probabilities in the first and last columns; labels masking rows."""
+    pytest.importorskip("triton")
+    from triton_losses.kernels import _common
+    from triton_losses.kernels import distill as k
+
+    monkeypatch.setenv("TRITON_LOSSES_BACKEND", "triton")
+    monkeypatch.setattr(_common, "ALIGN_IN_INTERPRETER", True)
+    seen = []
+    monkeypatch.setattr(k, "row_align", lambda *a: seen.append(_common.row_align(*a)) or seen[-1])
+    torch.manual_seed(shape[-1])
+    x, y = _logprobs(shape, "cpu"), _logprobs(shape, "cpu")
+    x[..., 1, 0] = y[..., 2 % shape[-2], -1] = -1e4  # probability 0 (torch's -inf gradients are NaN)
+    labels = _labels(shape, "cpu", -1)
+    tensors = {"input": x, "target": y, "labels": labels}
+    for beta in (0.0, 0.4, 1.0):
+        check_against_fp64(
+            functools.partial(tl_.jsd, beta=beta, ignore_index=-1, reduction=reduction),
+            functools.partial(jsd_reference, beta=beta, ignore_index=-1, reduction=reduction),
+            tensors, ("input", "target"), dtype,
+        )  # fmt: skip
+    s, t = torch.randn(shape) * 3, torch.randn(shape) * 3
+    s[..., 0, -1] = t[..., 1, 0] = -1e4
+    check_against_fp64(
+        lambda **t: tl_.kl_div_with_logits(**t, temperature=1.7, reduction=reduction),
+        lambda **t: kd_reference(**t, temperature=1.7, reduction=reduction),
+        {"student_logits": s, "teacher_logits": t, "labels": _labels(shape, "cpu")},
+        ("student_logits", "teacher_logits"), dtype,
+    )  # fmt: skip
+    assert seen and set(seen) == {16 // x.new_empty(0, dtype=dtype).element_size()}, seen
+
+
+def test_row_align_needs_every_row_at_the_same_offsets():
+    """The distillation launches split only when both inputs and the gradients share their strides."""
+    from triton_losses.kernels import _common
+
+    rows = lambda t: t.transpose(1, 2)
+    a = torch.empty(1, 8, 50257, dtype=torch.bfloat16, device="meta")
+    assert _common.row_align(rows(a), 1, rows(a), rows(a)) == 8
+    shifted = torch.empty(2, 9, 50257, dtype=torch.bfloat16, device="meta")[:, :-1]  # rows at other offsets
+    assert _common.row_align(rows(shifted), 1, rows(shifted)) == 8
+    assert _common.row_align(rows(shifted), 1, rows(torch.empty(2, 8, 50257, device="meta"))) == 1
+    assert _common.row_align(rows(torch.empty(2, 8, 4096, dtype=torch.bfloat16, device="meta")), 1) == 1
+
+
 # ---- no host work per launch; strided labels ----------------------------------------------------
 
 

@@ -7,7 +7,7 @@ from functools import partial
 from triton_losses.kernels import distill as k
 from triton_losses.kernels._common import launch_config
 
-from ._case import DTYPES, FLOAT_NAMES, ROWS, VOCAB, launched, meta, reachable
+from ._case import DTYPES, FLOAT_NAMES, ODD_VOCAB, ROWS, VOCAB, launched, meta, reachable
 
 GRADS = ((False, False), (True, False), (False, True), (True, True))  # which inputs get a gradient
 # (only the full set, GRADS itself, also records the backward launches)
@@ -42,12 +42,17 @@ def _kd(dtype: str, V: int, labels: bool, name: str, io: bool, grads=GRADS):
 
 
 def cases():
-    """Every flag of both kernels at bf16 rows of an LM vocabulary (smoke first), then every row block per dtype."""
+    """Every flag of both kernels at bf16 rows of an LM vocabulary (smoke first) and of an odd one, then every row
+    block per dtype."""
     lm = f"{ROWS}x{VOCAB}"
     for labels in (True, False):
         yield from _kd("bf16", VOCAB, labels, lm, io=True)
         for beta in (0.5, 0.0, 1.0):
             yield from _jsd("bf16", VOCAB, labels, beta, lm, io=True)
+    odd = f"{ROWS}x{ODD_VOCAB}"  # rows not 16-byte aligned: split (ALIGN = 8), 128-bit accesses still
+    yield from _kd("bf16", ODD_VOCAB, True, odd, io=True)
+    for beta in (0.5, 0.0):
+        yield from _jsd("bf16", ODD_VOCAB, True, beta, odd, io=True)
     rows_config = lambda C, elem_size, contiguous: launch_config(C, elem_size, True)  # the launcher's call
     for dtype in FLOAT_NAMES.values():
         for V, _ in sorted(set(reachable(rows_config, DTYPES[dtype].itemsize).values())):

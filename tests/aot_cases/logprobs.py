@@ -29,7 +29,7 @@ def _launch_cases(name: str, V: int, contiguous: bool, launch: str, all_flags: b
     block_r, block_c, warps = launch_config(V, DTYPES[name].itemsize, contiguous)
     acc = tl.float64 if name == "fp64" else tl.float32
     x = meta(ROWS, V, dtype=name) if contiguous else meta(V, ROWS, dtype=name).t()
-    align = row_align(x[:, :, None], block_r, x)  # > 1: odd rows split for 16-byte accesses
+    align = row_align(x[:, :, None], block_r, x[:, :, None])  # > 1: odd rows split for 16-byte accesses
     tile = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc, ALIGN=align)
     common = dict(ptrs=_ptrs(name), scalars=_scalars(V, contiguous), num_warps=warps, launch=launch)
     aligned = contiguous and V * DTYPES[name].itemsize % 16 == 0  # rows start on 16-byte boundaries

@@ -253,24 +253,30 @@ _MIN_BLOCK_C = 16
 ALIGN_IN_INTERPRETER = False
 
 
-def row_align(x, block_r: int, *written) -> int:
+def row_align(x, block_r: int, *others) -> int:
     """``ALIGN`` of a row kernel over ``x`` ``(A, C, B)``: elements per 16 bytes when one-row programs
-    (``block_r == 1``) stream contiguous rows whose start or length is not a multiple of 16 elements
-    (the runtime's divisibility specialisation then proves no 16-byte access, so a plain masked loop
-    loads 2 or 4 bytes at a time), else 1 (the plain loop). ``written``: tensors stored at ``x``'s
-    offsets; they must have ``x``'s row and class strides (else 1). 1 for CPU tensors (the
-    interpreter) unless ``ALIGN_IN_INTERPRETER``.
+    (``block_r == 1``) stream rows of contiguous classes whose starts or length are not multiples of 16
+    elements (the runtime's divisibility specialisation then proves no 16-byte access, so a plain masked
+    loop loads 2 or 4 bytes at a time), else 1 (the plain loop). ``others``: tensors read or written at
+    ``x``'s offsets; they must have ``x``'s strides (else 1). 1 for CPU tensors (the interpreter) unless
+    ``ALIGN_IN_INTERPRETER``.
     """
-    _, C, B = x.shape
+    _, C, _ = x.shape
     if x.device.type == "cpu" and not ALIGN_IN_INTERPRETER:
         return 1
-    if block_r != 1 or B != 1 or x.stride(1) != 1:
+    if block_r != 1 or x.stride(1) != 1:
         return 1
-    if C % 16 == 0 and x.stride(0) % 16 == 0:
+    rows = _row_strides(x)
+    if C % 16 == 0 and all(s % 16 == 0 for s in rows):
         return 1
-    if any(w is not None and (w.stride(0), w.stride(1)) != (x.stride(0), 1) for w in written):
+    if any(w is not None and (_row_strides(w), w.stride(1)) != (rows, 1) for w in others):
         return 1
     return 16 // x.element_size()
+
+
+def _row_strides(x) -> tuple[int, int]:
+    """The strides of ``x`` ``(A, C, B)`` that address its rows (0 for a dimension of size 1: never stepped)."""
+    return tuple(0 if n == 1 else s for n, s in ((x.shape[0], x.stride(0)), (x.shape[2], x.stride(2))))
 
 
 def launch_config(C: int, elem_size: int, col_contiguous: bool, per_thread: int | None = None) -> tuple[int, int, int]:

@@ -31,6 +31,12 @@ nor a huge negative logit anywhere in the row costs precision. Gradients::
 
 The same kernel writes them in a second pass, right after the statistics (fused into the
 forward) or from saved statistics (backward, ``STATS_KNOWN``).
+
+Rows that do not start 16-byte aligned (an odd vocabulary such as 50257), one per program, with
+both inputs and the gradients at the same offsets, take ``ALIGN > 1`` (``_common.row_align``): each
+pass streams the row's aligned middle as whole unmasked tiles, an aligned rest masked in 16-byte
+units, and its first and last few columns as one small tile, so the loads and stores stay 128 bits
+wide.
 """
 
 from __future__ import annotations
@@ -43,7 +49,20 @@ import triton.language as tl
 from torch import Tensor
 
 from .._precision import acc_dtype
-from ._common import NEG_INF, kept_rows, launch_config, on_device, row_block, row_offsets, tl_acc, traced_scale_
+from ._common import (
+    NEG_INF,
+    aligned_tiles,
+    kept_rows,
+    launch_config,
+    masked_load,
+    masked_store,
+    on_device,
+    row_align,
+    row_block,
+    row_offsets,
+    tl_acc,
+    traced_scale_,
+)
 from ._elementwise import asked, joined, split_float
 from .cross_entropy import scale_  # noqa: F401  (the fused-gradient rescale, shared with cross-entropy)
 
@@ -81,6 +100,28 @@ def _jsd_terms(x, y, beta, log_beta, log_1mbeta, MODE: tl.constexpr):
 
 
 @triton.jit
+def _jsd_tile(total, a_ptr, xrow, xrel, b_ptr, yrow, yrel, ga_ptr, gb_ptr, grow, grel, mask, keep, scale,
+              beta, log_beta, log_1mbeta, MODE: tl.constexpr, WRITE_LOSS: tl.constexpr, WRITE_GA: tl.constexpr,
+              WRITE_GB: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """One tile of the JSD pass: its loss added to the rows' ``total``, its gradients (scaled) stored."""
+    x = masked_load(a_ptr + xrow[:, None] + xrel[None, :], mask, NEG_INF, MASKED, "").to(ACC)
+    y = masked_load(b_ptr + yrow[:, None] + yrel[None, :], mask, NEG_INF, MASKED, "").to(ACC)
+    loss, dx, dy = _jsd_terms(x, y, beta, log_beta, log_1mbeta, MODE)
+    if WRITE_LOSS:
+        if MASKED:
+            loss = tl.where(mask, loss, 0.0)
+        total += tl.sum(loss, 1)
+    gof = grow[:, None] + grel[None, :]
+    if WRITE_GA:
+        dx = tl.where(keep[:, None], dx * scale[:, None], 0.0)
+        masked_store(ga_ptr + gof, dx.to(ga_ptr.dtype.element_ty), mask, MASKED, "")
+    if WRITE_GB:
+        dy = tl.where(keep[:, None], dy * scale[:, None], 0.0)
+        masked_store(gb_ptr + gof, dy.to(gb_ptr.dtype.element_ty), mask, MASKED, "")
+    return total
+
+
+@triton.jit
 def _jsd_kernel(
     a_ptr, s_aa, s_ab, s_av,  # input log-probabilities x (A, B, V)
     b_ptr, s_ba, s_bb, s_bv,  # target log-probabilities y (A, B, V)
@@ -92,9 +133,14 @@ def _jsd_kernel(
     beta_hi, beta_lo,  # beta as an fp32 pair (hi + lo)
     MODE: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_LOSS: tl.constexpr,
     WRITE_GA: tl.constexpr, WRITE_GB: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """Per-row generalised JSD for ``BLOCK_R`` rows, and/or its gradients scaled per row."""
+    """Per-row generalised JSD for ``BLOCK_R`` rows, and/or its gradients scaled per row.
+
+    ``ALIGN > 1`` (one row; both inputs and the gradients share strides, ``_common.row_align``): the
+    row's aligned middle as whole unmasked tiles, an aligned rest masked in 16-byte units, and its
+    first and last few columns as one small tile (``aligned_tiles``).
+    """
     rows, rmask = row_block(R, BLOCK_R)
     keep = kept_rows(lab_ptr, rows, rmask, B, s_la, s_lb, ignore_index, HAS_LABELS)
     xoff = row_offsets(rows, B, s_aa, s_ab)
@@ -107,28 +153,56 @@ def _jsd_kernel(
     if WRITE_GA or WRITE_GB:
         scale = tl.load(gs_ptr + rows * s_gs, mask=keep, other=0.0).to(ACC)
     total = tl.zeros([BLOCK_R], ACC)
-    for c0 in range(0, V, BLOCK_C):
-        cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        mask = rmask[:, None] & (cols < V)[None, :]
-        x = tl.load(a_ptr + xoff[:, None] + cols[None, :] * s_av, mask=mask, other=NEG_INF).to(ACC)
-        y = tl.load(b_ptr + yoff[:, None] + cols[None, :] * s_bv, mask=mask, other=NEG_INF).to(ACC)
-        loss, dx, dy = _jsd_terms(x, y, beta, log_beta, log_1mbeta, MODE)
-        if WRITE_LOSS:
-            total += tl.sum(tl.where(mask, loss, 0.0), 1)
-        gof = goff[:, None] + cols[None, :] * s_gv
-        if WRITE_GA:
-            dx = tl.where(keep[:, None], dx * scale[:, None], 0.0)
-            tl.store(ga_ptr + gof, dx.to(ga_ptr.dtype.element_ty), mask=mask)
-        if WRITE_GB:
-            dy = tl.where(keep[:, None], dy * scale[:, None], 0.0)
-            tl.store(gb_ptr + gof, dy.to(gb_ptr.dtype.element_ty), mask=mask)
+    if ALIGN > 1:  # both inputs and the gradients at the same offsets (row_align): xoff for all
+        head, full, rel, tmask, ecols, emask = aligned_tiles(xoff, V, rmask, ALIGN, BLOCK_C)
+        total = _jsd_tile(total, a_ptr, xoff, ecols, b_ptr, xoff, ecols, ga_ptr, gb_ptr, xoff, ecols, emask, keep,
+                          scale, beta, log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
+        for k in range(full):
+            c0 = head + k * BLOCK_C
+            total = _jsd_tile(total, a_ptr, tl.multiple_of(xoff + c0, ALIGN), rel, b_ptr,
+                              tl.multiple_of(xoff + c0, ALIGN), rel, ga_ptr, gb_ptr, tl.multiple_of(xoff + c0, ALIGN),
+                              rel, rmask[:, None], keep, scale, beta, log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA,
+                              WRITE_GB, False, ACC)  # fmt: skip
+        c0 = head + full * BLOCK_C
+        total = _jsd_tile(total, a_ptr, tl.multiple_of(xoff + c0, ALIGN), rel, b_ptr, tl.multiple_of(xoff + c0, ALIGN),
+                          rel, ga_ptr, gb_ptr, tl.multiple_of(xoff + c0, ALIGN), rel, tmask, keep, scale, beta,
+                          log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
+    else:
+        for c0 in range(0, V, BLOCK_C):
+            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+            mask = rmask[:, None] & (cols < V)[None, :]
+            total = _jsd_tile(total, a_ptr, xoff, cols * s_av, b_ptr, yoff, cols * s_bv, ga_ptr, gb_ptr, goff,
+                              cols * s_gv, mask, keep, scale, beta, log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA,
+                              WRITE_GB, True, ACC)  # fmt: skip
     if WRITE_LOSS:
         tl.store(out_ptr + rows, tl.where(keep, total, 0.0).to(out_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
+def _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr, srow, srel, t_ptr, trow, trel, mask, inv_t,
+                   MASKED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Fold one tile of both rows into the running maxima ``m``, shifts ``c``, sums ``z`` and ``D``."""
+    # Raw logits, shifted by the raw maxima before the 1 / T scaling: near the maximum the
+    # difference is exact, so a large common offset costs nothing (scaling first would not).
+    s = masked_load(s_ptr + srow[:, None] + srel[None, :], mask, NEG_INF, MASKED, "").to(ACC)
+    t = masked_load(t_ptr + trow[:, None] + trel[None, :], mask, NEG_INF, MASKED, "").to(ACC)
+    new_s = tl.maximum(m_s, tl.max(s, 1))
+    new_t = tl.maximum(m_t, tl.max(t, 1))
+    n_s = tl.where(new_s == NEG_INF, 0.0, new_s)
+    n_t = tl.where(new_t == NEG_INF, 0.0, new_t)
+    alpha_t = tl.exp((m_t - n_t) * inv_t)
+    # Rebase D's terms to the new shifts (each moves by the change of c_s minus that of c_t).
+    d = tl.where(z_t == 0.0, 0.0, alpha_t * (d + z_t * ((n_s - c_s) - (n_t - c_t)) * inv_t))
+    z_s = z_s * tl.exp((m_s - n_s) * inv_t) + tl.sum(tl.exp((s - n_s[:, None]) * inv_t), 1)
+    e = tl.exp((t - n_t[:, None]) * inv_t)
+    z_t = z_t * alpha_t + tl.sum(e, 1)
+    d += tl.sum(tl.where(e == 0.0, 0.0, e * ((t - n_t[:, None]) - (s - n_s[:, None])) * inv_t), 1)
+    return new_s, new_t, n_s, n_t, z_s, z_t, d
+
+
+@triton.jit
 def _kd_stats(s_ptr, soff, s_sv, t_ptr, toff, s_tv, rmask, V, inv_t,
-              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
     """One online pass over the rows: ``(loss, c_s, log z_s, c_t, log z_t)`` per row (BLOCK_R,)."""
     m_s = tl.full([BLOCK_R], NEG_INF, ACC)
     m_t = tl.full([BLOCK_R], NEG_INF, ACC)
@@ -137,28 +211,51 @@ def _kd_stats(s_ptr, soff, s_sv, t_ptr, toff, s_tv, rmask, V, inv_t,
     z_s = tl.zeros([BLOCK_R], ACC)
     z_t = tl.zeros([BLOCK_R], ACC)
     d = tl.zeros([BLOCK_R], ACC)  # sum_v exp((t_v - c_t) / T) * ((t_v - c_t) - (s_v - c_s)) / T
-    for c0 in range(0, V, BLOCK_C):
-        cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        mask = rmask[:, None] & (cols < V)[None, :]
-        # Raw logits, shifted by the raw maxima before the 1 / T scaling: near the maximum the
-        # difference is exact, so a large common offset costs nothing (scaling first would not).
-        s = tl.load(s_ptr + soff[:, None] + cols[None, :] * s_sv, mask=mask, other=NEG_INF).to(ACC)
-        t = tl.load(t_ptr + toff[:, None] + cols[None, :] * s_tv, mask=mask, other=NEG_INF).to(ACC)
-        new_s = tl.maximum(m_s, tl.max(s, 1))
-        new_t = tl.maximum(m_t, tl.max(t, 1))
-        n_s = tl.where(new_s == NEG_INF, 0.0, new_s)
-        n_t = tl.where(new_t == NEG_INF, 0.0, new_t)
-        alpha_t = tl.exp((m_t - n_t) * inv_t)
-        # Rebase D's terms to the new shifts (each moves by the change of c_s minus that of c_t).
-        d = tl.where(z_t == 0.0, 0.0, alpha_t * (d + z_t * ((n_s - c_s) - (n_t - c_t)) * inv_t))
-        z_s = z_s * tl.exp((m_s - n_s) * inv_t) + tl.sum(tl.exp((s - n_s[:, None]) * inv_t), 1)
-        e = tl.exp((t - n_t[:, None]) * inv_t)
-        z_t = z_t * alpha_t + tl.sum(e, 1)
-        d += tl.sum(tl.where(e == 0.0, 0.0, e * ((t - n_t[:, None]) - (s - n_s[:, None])) * inv_t), 1)
-        m_s, m_t, c_s, c_t = new_s, new_t, n_s, n_t
+    if ALIGN > 1:  # student and teacher rows at the same offsets (row_align): soff for both
+        head, full, rel, tmask, ecols, emask = aligned_tiles(soff, V, rmask, ALIGN, BLOCK_C)
+        m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr, soff, ecols, t_ptr,
+                                                         soff, ecols, emask, inv_t, True, ACC)  # fmt: skip
+        for k in range(full):
+            c0 = head + k * BLOCK_C
+            m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr,
+                                                             tl.multiple_of(soff + c0, ALIGN), rel, t_ptr,
+                                                             tl.multiple_of(soff + c0, ALIGN), rel, rmask[:, None],
+                                                             inv_t, False, ACC)  # fmt: skip
+        c0 = head + full * BLOCK_C
+        m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr,
+                                                         tl.multiple_of(soff + c0, ALIGN), rel, t_ptr,
+                                                         tl.multiple_of(soff + c0, ALIGN), rel, tmask, inv_t, True,
+                                                         ACC)  # fmt: skip
+    else:
+        for c0 in range(0, V, BLOCK_C):
+            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+            mask = rmask[:, None] & (cols < V)[None, :]
+            m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr, soff,
+                                                             cols * s_sv, t_ptr, toff, cols * s_tv, mask, inv_t, True,
+                                                             ACC)  # fmt: skip
     lz_s = tl.log(z_s)
     lz_t = tl.log(z_t)
     return d / z_t - lz_t + lz_s, c_s, lz_s, c_t, lz_t
+
+
+@triton.jit
+def _kd_grad_tile(a_ptr, srow, srel, b_ptr, trow, trel, ga_ptr, gb_ptr, grow, grel, mask, keep, scale, loss,
+                  c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA: tl.constexpr, WRITE_GB: tl.constexpr, MASKED: tl.constexpr,
+                  ACC: tl.constexpr):  # fmt: skip
+    """One tile of the student / teacher gradients from the rows' statistics (``scale`` includes ``1 / T``)."""
+    s = masked_load(a_ptr + srow[:, None] + srel[None, :], mask, 0.0, MASKED, "").to(ACC)
+    t = masked_load(b_ptr + trow[:, None] + trel[None, :], mask, 0.0, MASKED, "").to(ACC)
+    log_q = (s - c_s[:, None]) * inv_t - lz_s[:, None]
+    log_p = (t - c_t[:, None]) * inv_t - lz_t[:, None]
+    p = tl.exp(log_p)
+    gof = grow[:, None] + grel[None, :]
+    if WRITE_GA:
+        g = tl.where(keep[:, None], (tl.exp(log_q) - p) * scale[:, None], 0.0)
+        masked_store(ga_ptr + gof, g.to(ga_ptr.dtype.element_ty), mask, MASKED, "")
+    if WRITE_GB:
+        g = tl.where(p == 0.0, 0.0, p * (log_p - log_q - loss[:, None]))
+        g = tl.where(keep[:, None], g * scale[:, None], 0.0)
+        masked_store(gb_ptr + gof, g.to(gb_ptr.dtype.element_ty), mask, MASKED, "")
 
 
 @triton.jit
@@ -172,9 +269,10 @@ def _kd_kernel(
     R, B, V, ignore_index,  # rows, the second row dimension, the vocabulary, the masked label
     it_hi, it_lo,  # 1 / temperature as an fp32 pair (hi + lo)
     HAS_LABELS: tl.constexpr, STATS_KNOWN: tl.constexpr, WRITE_GA: tl.constexpr, WRITE_GB: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """Per-row KL(softmax(t / T) || softmax(s / T)) for ``BLOCK_R`` rows and/or its gradients."""
+    """Per-row KL(softmax(t / T) || softmax(s / T)) for ``BLOCK_R`` rows and/or its gradients (``ALIGN > 1``:
+    both passes split as in ``_jsd_kernel``)."""
     rows, rmask = row_block(R, BLOCK_R)
     keep = kept_rows(lab_ptr, rows, rmask, B, s_la, s_lb, ignore_index, HAS_LABELS)
     soff = row_offsets(rows, B, s_aa, s_ab)
@@ -188,7 +286,7 @@ def _kd_kernel(
         lz_t = tl.load(out_ptr + 4 * R + rows, mask=rmask, other=0.0).to(ACC)
     else:
         loss, c_s, lz_s, c_t, lz_t = _kd_stats(a_ptr, soff, s_av, b_ptr, toff, s_bv, rmask, V, inv_t,
-                                               BLOCK_R, BLOCK_C, ACC)  # fmt: skip
+                                               BLOCK_R, BLOCK_C, ACC, ALIGN)  # fmt: skip
         tl.store(out_ptr + rows, tl.where(keep, loss, 0.0), mask=rmask)
         tl.store(out_ptr + R + rows, c_s, mask=rmask)
         tl.store(out_ptr + 2 * R + rows, lz_s, mask=rmask)
@@ -197,22 +295,26 @@ def _kd_kernel(
     if WRITE_GA or WRITE_GB:
         scale = tl.load(gs_ptr + rows * s_gs, mask=keep, other=0.0).to(ACC) * inv_t
         goff = row_offsets(rows, B, s_ga, s_gb)
-        for c0 in range(0, V, BLOCK_C):
-            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-            mask = rmask[:, None] & (cols < V)[None, :]
-            s = tl.load(a_ptr + soff[:, None] + cols[None, :] * s_av, mask=mask, other=0.0).to(ACC)
-            t = tl.load(b_ptr + toff[:, None] + cols[None, :] * s_bv, mask=mask, other=0.0).to(ACC)
-            log_q = (s - c_s[:, None]) * inv_t - lz_s[:, None]
-            log_p = (t - c_t[:, None]) * inv_t - lz_t[:, None]
-            p = tl.exp(log_p)
-            gof = goff[:, None] + cols[None, :] * s_gv
-            if WRITE_GA:
-                g = tl.where(keep[:, None], (tl.exp(log_q) - p) * scale[:, None], 0.0)
-                tl.store(ga_ptr + gof, g.to(ga_ptr.dtype.element_ty), mask=mask)
-            if WRITE_GB:
-                g = tl.where(p == 0.0, 0.0, p * (log_p - log_q - loss[:, None]))
-                g = tl.where(keep[:, None], g * scale[:, None], 0.0)
-                tl.store(gb_ptr + gof, g.to(gb_ptr.dtype.element_ty), mask=mask)
+        if ALIGN > 1:  # the inputs at the gradients' offsets (row_align); the split recomputed, not kept live
+            head, full, rel, tmask, ecols, emask = aligned_tiles(goff, V, rmask, ALIGN, BLOCK_C)
+            _kd_grad_tile(a_ptr, goff, ecols, b_ptr, goff, ecols, ga_ptr, gb_ptr, goff, ecols, emask, keep, scale,
+                          loss, c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
+            for k in range(full):
+                c0 = head + k * BLOCK_C
+                _kd_grad_tile(a_ptr, tl.multiple_of(goff + c0, ALIGN), rel, b_ptr, tl.multiple_of(goff + c0, ALIGN),
+                              rel, ga_ptr, gb_ptr, tl.multiple_of(goff + c0, ALIGN), rel, rmask[:, None], keep, scale,
+                              loss, c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, False, ACC)  # fmt: skip
+            c0 = head + full * BLOCK_C
+            _kd_grad_tile(a_ptr, tl.multiple_of(goff + c0, ALIGN), rel, b_ptr, tl.multiple_of(goff + c0, ALIGN), rel,
+                          ga_ptr, gb_ptr, tl.multiple_of(goff + c0, ALIGN), rel, tmask, keep, scale, loss, c_s, lz_s,
+                          c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
+        else:
+            for c0 in range(0, V, BLOCK_C):
+                cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+                mask = rmask[:, None] & (cols < V)[None, :]
+                _kd_grad_tile(a_ptr, soff, cols * s_av, b_ptr, toff, cols * s_bv, ga_ptr, gb_ptr, goff, cols * s_gv,
+                              mask, keep, scale, loss, c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, True,
+                              ACC)  # fmt: skip
 
 
 def launch_rows(kernel, a: Tensor, b: Tensor, labels, out, gs, ga, gb, ignore_index: int, **flags) -> None:
@@ -234,6 +336,8 @@ def launch_rows(kernel, a: Tensor, b: Tensor, labels, out, gs, ga, gb, ignore_in
         return
     block_r, block_c, warps = launch_config(V, a.element_size(), True)
     g = ga if ga is not None else (gb if gb is not None else a)
+    rows = lambda t: None if t is None else t.transpose(1, 2)  # (A, V, B): row_align's (A, C, B)
+    align = row_align(rows(a), block_r, rows(b), rows(ga), rows(gb))
     with on_device(a):
         kernel[(triton.cdiv(R, block_r),)](
             a_ptr=a, s_aa=a.stride(0), s_ab=a.stride(1), s_av=a.stride(2),
@@ -246,7 +350,7 @@ def launch_rows(kernel, a: Tensor, b: Tensor, labels, out, gs, ga, gb, ignore_in
             s_ga=g.stride(0), s_gb=g.stride(1), s_gv=g.stride(2),
             R=R, B=B, V=V, ignore_index=ignore_index,
             HAS_LABELS=labels is not None, WRITE_GA=ga is not None, WRITE_GB=gb is not None,
-            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(a.dtype), num_warps=warps, **flags,
+            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(a.dtype), ALIGN=align, num_warps=warps, **flags,
         )  # fmt: skip
 
 

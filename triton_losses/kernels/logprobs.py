@@ -285,7 +285,7 @@ def logprobs_bwd(
             g_logp if g_logp is not None else row_max, g_ent if g_ent is not None else row_max,
             grad, grad.stride(0), grad.stride(1), R, V,
             HAS_GLP=g_logp is not None, HAS_GENT=g_ent is not None,
-            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), ALIGN=row_align(x[:, :, None], block_r, grad),
+            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), ALIGN=row_align(x[:, :, None], block_r, grad[:, :, None]),
             num_warps=warps,
         )  # fmt: skip
     return grad
