@@ -94,12 +94,13 @@ def _cosine_kernel(
     a = _tile(a_ptr, rows, cols, s_ar, s_ac, mask, ACC)
     b = _tile(b_ptr, rows, cols, s_br, s_bc, mask, ACC)
     dot, m1, m2 = tl.sum(a * b, 1), tl.sum(a * a, 1), tl.sum(b * b, 1)
-    for c0 in range(BLOCK_C, D, BLOCK_C):
-        cc = c0 + cols
-        mk = rmask[:, None] & (cc < D)[None, :]
-        a2 = _tile(a_ptr, rows, cc, s_ar, s_ac, mk, ACC)
-        b2 = _tile(b_ptr, rows, cc, s_br, s_bc, mk, ACC)
-        dot, m1, m2 = dot + tl.sum(a2 * b2, 1), m1 + tl.sum(a2 * a2, 1), m2 + tl.sum(b2 * b2, 1)
+    if not ONE_BLOCK:  # (ONE_BLOCK: D <= BLOCK_C, no loop compiled at all)
+        for c0 in range(BLOCK_C, D, BLOCK_C):
+            cc = c0 + cols
+            mk = rmask[:, None] & (cc < D)[None, :]
+            a2 = _tile(a_ptr, rows, cc, s_ar, s_ac, mk, ACC)
+            b2 = _tile(b_ptr, rows, cc, s_br, s_bc, mk, ACC)
+            dot, m1, m2 = dot + tl.sum(a2 * b2, 1), m1 + tl.sum(a2 * a2, 1), m2 + tl.sum(b2 * b2, 1)
     m1 += 1e-12
     m2 += 1e-12
     denom = tl.sqrt(m1 * m2)
@@ -277,13 +278,14 @@ def _triplet_kernel(
     mask = rmask[:, None] & (cols < D)[None, :]
     va, vn, vs = _diffs(a_ptr, s_ar, s_ac, p_ptr, s_pr, s_pc, n_ptr, s_nr, s_nc, rows, cols, mask, eps, ACC)
     s_ap, s_an, s_pn = _norm_part(va, p, NORM), _norm_part(vn, p, NORM), _norm_part(vs, p, NORM)
-    for c0 in range(BLOCK_C, D, BLOCK_C):
-        mk = rmask[:, None] & (c0 + cols < D)[None, :]
-        v1, v2, v3 = _diffs(a_ptr, s_ar, s_ac, p_ptr, s_pr, s_pc, n_ptr, s_nr, s_nc, rows, c0 + cols, mk, eps, ACC)
-        s_ap = _norm_fold(s_ap, _norm_part(v1, p, NORM), NORM)
-        s_an = _norm_fold(s_an, _norm_part(v2, p, NORM), NORM)
-        if SWAP:
-            s_pn = _norm_fold(s_pn, _norm_part(v3, p, NORM), NORM)
+    if not ONE_BLOCK:  # (ONE_BLOCK: D <= BLOCK_C, no loop compiled at all)
+        for c0 in range(BLOCK_C, D, BLOCK_C):
+            mk = rmask[:, None] & (c0 + cols < D)[None, :]
+            v1, v2, v3 = _diffs(a_ptr, s_ar, s_ac, p_ptr, s_pr, s_pc, n_ptr, s_nr, s_nc, rows, c0 + cols, mk, eps, ACC)
+            s_ap = _norm_fold(s_ap, _norm_part(v1, p, NORM), NORM)
+            s_an = _norm_fold(s_an, _norm_part(v2, p, NORM), NORM)
+            if SWAP:
+                s_pn = _norm_fold(s_pn, _norm_part(v3, p, NORM), NORM)
     d_ap, d_an = _norm_finish(s_ap, p, NORM), _norm_finish(s_an, p, NORM)
     d_neg, d_pn = d_an, d_an
     share_an = tl.zeros_like(d_an) + 1.0
