@@ -4,9 +4,11 @@ Every registered op (``triton_losses.bench.ops``), ours against torch eager, for
 forward+backward, at one LM-like shape small enough for a 2-core CPU. Not part of the ``tests/``
 run (pyproject's ``testpaths``); run it on purpose::
 
-    pytest bench/test_bench_cpu.py --benchmark-only                       # table of timings
-    pytest bench/test_bench_cpu.py --benchmark-only --benchmark-autosave  # keep them (.benchmarks/)
-    pytest bench/test_bench_cpu.py --benchmark-only --benchmark-compare   # against the last saved run
+    pytest bench/test_bench_cpu.py --benchmark-only -n 0                      # table of timings
+    pytest bench/test_bench_cpu.py --benchmark-only -n 0 --benchmark-autosave  # keep them (.benchmarks/)
+    pytest bench/test_bench_cpu.py --benchmark-only -n 0 --benchmark-compare   # against the last saved run
+
+(``-n 0``: one process; the test settings turn xdist on, and pytest-benchmark times nothing under it.)
 
 Each result's ``extra_info`` holds the bytes the op must move and the GB/s that gives (the same
 count as ``triton-losses bench``). Ours runs its PyTorch CPU path here (the Triton interpreter is

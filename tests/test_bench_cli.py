@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -226,3 +227,17 @@ def test_gpu_session_dry_run(tmp_path):
     assert "| 200 | fwd+grad write |" in log.split("launch configurations the sweep implies")[-1]
     facts = json.loads(next(line for line in log.splitlines() if line.startswith('{"device"')))
     assert facts["copy_gbps"] > 0
+
+
+@pytest.mark.slow  # ~10 s: a pytest run of its own
+def test_cpu_regression_suite_command_runs():
+    """README's regression-suite command (``pytest bench/test_bench_cpu.py --benchmark-only -n 0``) times
+    its cases (pytest-benchmark refuses ``--benchmark-only`` under the xdist the test settings turn on)."""
+    root = Path(__file__).resolve().parents[1]
+    cases = [f"bench/test_bench_cpu.py::test_cpu[cross_entropy-{p}-fwd]" for p in ("ours", "torch")]
+    cmd = [sys.executable, "-m", "pytest", *cases, "--benchmark-only", "-n", "0", "-q", "-p", "no:cacheprovider",
+           "--benchmark-columns", "median"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"(?<!\d)2 passed", proc.stdout) and "Median" in proc.stdout, proc.stdout[-3000:]
