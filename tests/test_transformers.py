@@ -236,9 +236,12 @@ def _dataset(n: int = 8):
 
 
 def _train(model, out_dir, **args):
+    # Plain SGD: the parameters move by the gradients themselves, so comparing them checks the gradients'
+    # scale (Adam normalises it away, and turns rounding in a gradient that nearly cancels into an
+    # lr-sized parameter difference).
     targs = transformers.TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
-        learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
+        learning_rate=1e-1, optim="sgd", report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
         dataloader_num_workers=0, disable_tqdm=True, **args,
     )  # fmt: skip
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=_dataset())
