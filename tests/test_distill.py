@@ -433,6 +433,42 @@ def test_unaligned_rows_split_for_16_byte_accesses(monkeypatch, dtype, shape, re
     assert seen and set(seen) == {16 // x.new_empty(0, dtype=dtype).element_size()}, seen
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("align", [False, True], ids=["plain", "aligned-split"])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_dropped_rows_cost_nothing_whatever_they_hold(monkeypatch, align, reduction):
+    """Rows the labels drop are skipped by the kernels (loads masked off, whole tiles not visited, zeros
+    stored): NaN / inf there change nothing, their loss and gradients are exactly 0, the kept rows' results
+    are bit-identical, in the fused forward gradient and the backward kernels, one-row programs of several
+    tiles (V = 9001 fp32) with and without the aligned split."""
+    from triton_losses.kernels import _common
+
+    monkeypatch.setenv("TRITON_LOSSES_BACKEND", "triton")
+    monkeypatch.setattr(_common, "ALIGN_IN_INTERPRETER", align)
+    torch.manual_seed(3)
+    shape = (4, 9001)
+    labels = torch.tensor([5, -100, 7, -100])
+    runs = [
+        (tl_.jsd, _logprobs(shape, "cpu"), _logprobs(shape, "cpu"), {"beta": 0.3}),
+        (tl_.kl_div_with_logits, torch.randn(shape) * 3, torch.randn(shape) * 3, {"temperature": 1.5}),
+    ]
+    for fn, a, b, kw in runs:
+        poisoned_a, poisoned_b = a.clone(), b.clone()
+        poisoned_a[1], poisoned_b[3] = float("nan"), float("inf")
+        results = []
+        for x, y in ((a, b), (poisoned_a, poisoned_b)):
+            x, y = x.clone().requires_grad_(), y.clone().requires_grad_()
+            out = fn(x, y, labels=labels, reduction=reduction, **kw)
+            up = torch.linspace(0.5, 2.0, 4) if reduction == "none" else None
+            results.append((out.detach(), *torch.autograd.grad(out, (x, y), up)))
+        for clean, poisoned in zip(*results):
+            assert torch.equal(clean, poisoned)
+        _, gx, gy = results[1]
+        assert gx[1::2].eq(0).all() and gy[1::2].eq(0).all()
+        if reduction == "none":
+            assert results[1][0][1::2].eq(0).all()
+
+
 def test_row_align_needs_every_row_at_the_same_offsets():
     """The distillation launches split only when both inputs and the gradients share their strides."""
     from triton_losses.kernels import _common

@@ -2,6 +2,9 @@
 
 Both work on ``(A, B, V)`` row views (row ``r = a * B + b``) with optional ``(A, B)`` labels whose
 ``ignore_index`` rows are masked, one program per block of rows, column blocks over the vocabulary.
+A masked row's loss and gradients are 0 whatever it holds, so it is never read: its loads are masked
+off, and a one-row program skips its whole tiles, storing zeros in the gradients instead (a prompt
+masked out of a distillation batch costs only those stores).
 Scalars (``beta``, ``1 / temperature``) go in as kernel arguments, each as an fp32 pair
 ``hi + lo`` so that fp64 data keeps ~48 bits of them: nothing is copied to the device per call.
 
@@ -100,12 +103,13 @@ def _jsd_terms(x, y, beta, log_beta, log_1mbeta, MODE: tl.constexpr):
 
 
 @triton.jit
-def _jsd_tile(total, a_ptr, xrow, xrel, b_ptr, yrow, yrel, ga_ptr, gb_ptr, grow, grel, mask, keep, scale,
+def _jsd_tile(total, a_ptr, xrow, xrel, b_ptr, yrow, yrel, ga_ptr, gb_ptr, grow, grel, lmask, mask, keep, scale,
               beta, log_beta, log_1mbeta, MODE: tl.constexpr, WRITE_LOSS: tl.constexpr, WRITE_GA: tl.constexpr,
               WRITE_GB: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """One tile of the JSD pass: its loss added to the rows' ``total``, its gradients (scaled) stored."""
-    x = masked_load(a_ptr + xrow[:, None] + xrel[None, :], mask, NEG_INF, MASKED, "").to(ACC)
-    y = masked_load(b_ptr + yrow[:, None] + yrel[None, :], mask, NEG_INF, MASKED, "").to(ACC)
+    """One tile of the JSD pass: its loss added to the rows' ``total``, its gradients (scaled) stored. Loads
+    under ``lmask`` (the kept rows' part of ``mask``), stores under ``mask``, both only when ``MASKED``."""
+    x = masked_load(a_ptr + xrow[:, None] + xrel[None, :], lmask, NEG_INF, MASKED, "").to(ACC)
+    y = masked_load(b_ptr + yrow[:, None] + yrel[None, :], lmask, NEG_INF, MASKED, "").to(ACC)
     loss, dx, dy = _jsd_terms(x, y, beta, log_beta, log_1mbeta, MODE)
     if WRITE_LOSS:
         if MASKED:
@@ -118,6 +122,65 @@ def _jsd_tile(total, a_ptr, xrow, xrel, b_ptr, yrow, yrel, ga_ptr, gb_ptr, grow,
     if WRITE_GB:
         dy = tl.where(keep[:, None], dy * scale[:, None], 0.0)
         masked_store(gb_ptr + gof, dy.to(gb_ptr.dtype.element_ty), mask, MASKED, "")
+    return total
+
+
+@triton.jit
+def _zero_tile(ga_ptr, gb_ptr, gof, WRITE_GA: tl.constexpr, WRITE_GB: tl.constexpr):
+    """Zeros at ``gof`` in the gradients asked for (an unmasked tile of a row the labels drop)."""
+    if WRITE_GA:
+        tl.store(ga_ptr + gof, tl.zeros(gof.shape, ga_ptr.dtype.element_ty))
+    if WRITE_GB:
+        tl.store(gb_ptr + gof, tl.zeros(gof.shape, gb_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _row_kept(keep):
+    """Whether a one-row program's row is kept (a scalar: the program branches on it as a whole)."""
+    return tl.sum(keep.to(tl.int32), 0) > 0
+
+
+@triton.jit
+def _zero_row(ga_ptr, gb_ptr, off, head, full, rel, tmask, ecols, emask, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+              WRITE_GA: tl.constexpr, WRITE_GB: tl.constexpr):  # fmt: skip
+    """Zeros in the gradients asked for over one row the labels drop, split as ``aligned_tiles`` splits it (its
+    loss and gradients are 0 whatever it holds: it is never read)."""
+    eoff = off[:, None] + ecols[None, :]
+    if WRITE_GA:
+        tl.store(ga_ptr + eoff, tl.zeros(eoff.shape, ga_ptr.dtype.element_ty), mask=emask)
+    if WRITE_GB:
+        tl.store(gb_ptr + eoff, tl.zeros(eoff.shape, gb_ptr.dtype.element_ty), mask=emask)
+    for k in range(full):
+        toff = tl.multiple_of(off + head + k * BLOCK_C, ALIGN)[:, None] + rel[None, :]
+        if WRITE_GA:
+            tl.store(ga_ptr + toff, tl.zeros(toff.shape, ga_ptr.dtype.element_ty))
+        if WRITE_GB:
+            tl.store(gb_ptr + toff, tl.zeros(toff.shape, gb_ptr.dtype.element_ty))
+    toff = tl.multiple_of(off + head + full * BLOCK_C, ALIGN)[:, None] + rel[None, :]  # the aligned rest
+    if WRITE_GA:
+        tl.store(ga_ptr + toff, tl.zeros(toff.shape, ga_ptr.dtype.element_ty), mask=tmask)
+    if WRITE_GB:
+        tl.store(gb_ptr + toff, tl.zeros(toff.shape, gb_ptr.dtype.element_ty), mask=tmask)
+
+
+@triton.jit
+def _jsd_row_split(total, a_ptr, b_ptr, ga_ptr, gb_ptr, xoff, head, full, rel, tmask, ecols, emask, rmask, keep,
+                   scale, beta, log_beta, log_1mbeta, MODE: tl.constexpr, WRITE_LOSS: tl.constexpr,
+                   WRITE_GA: tl.constexpr, WRITE_GB: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+                   ALIGN: tl.constexpr):  # fmt: skip
+    """The JSD pass over one row split by ``aligned_tiles`` (every tensor at ``xoff``)."""
+    total = _jsd_tile(total, a_ptr, xoff, ecols, b_ptr, xoff, ecols, ga_ptr, gb_ptr, xoff, ecols, emask, emask, keep,
+                      scale, beta, log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
+    for k in range(full):
+        c0 = head + k * BLOCK_C
+        total = _jsd_tile(total, a_ptr, tl.multiple_of(xoff + c0, ALIGN), rel, b_ptr, tl.multiple_of(xoff + c0, ALIGN),
+                          rel, ga_ptr, gb_ptr, tl.multiple_of(xoff + c0, ALIGN), rel, rmask[:, None], rmask[:, None],
+                          keep, scale, beta, log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA, WRITE_GB, False,
+                          ACC)  # fmt: skip
+    c0 = head + full * BLOCK_C
+    total = _jsd_tile(total, a_ptr, tl.multiple_of(xoff + c0, ALIGN), rel, b_ptr, tl.multiple_of(xoff + c0, ALIGN),
+                      rel, ga_ptr, gb_ptr, tl.multiple_of(xoff + c0, ALIGN), rel, tmask, tmask, keep, scale, beta,
+                      log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
     return total
 
 
@@ -155,37 +218,38 @@ def _jsd_kernel(
     total = tl.zeros([BLOCK_R], ACC)
     if ALIGN > 1:  # both inputs and the gradients at the same offsets (row_align): xoff for all
         head, full, rel, tmask, ecols, emask = aligned_tiles(xoff, V, rmask, ALIGN, BLOCK_C)
-        total = _jsd_tile(total, a_ptr, xoff, ecols, b_ptr, xoff, ecols, ga_ptr, gb_ptr, xoff, ecols, emask, keep,
-                          scale, beta, log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
-        for k in range(full):
-            c0 = head + k * BLOCK_C
-            total = _jsd_tile(total, a_ptr, tl.multiple_of(xoff + c0, ALIGN), rel, b_ptr,
-                              tl.multiple_of(xoff + c0, ALIGN), rel, ga_ptr, gb_ptr, tl.multiple_of(xoff + c0, ALIGN),
-                              rel, rmask[:, None], keep, scale, beta, log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA,
-                              WRITE_GB, False, ACC)  # fmt: skip
-        c0 = head + full * BLOCK_C
-        total = _jsd_tile(total, a_ptr, tl.multiple_of(xoff + c0, ALIGN), rel, b_ptr, tl.multiple_of(xoff + c0, ALIGN),
-                          rel, ga_ptr, gb_ptr, tl.multiple_of(xoff + c0, ALIGN), rel, tmask, keep, scale, beta,
-                          log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
+        if HAS_LABELS:
+            if _row_kept(keep):
+                total = _jsd_row_split(total, a_ptr, b_ptr, ga_ptr, gb_ptr, xoff, head, full, rel, tmask, ecols, emask,
+                                       rmask, keep, scale, beta, log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA,
+                                       WRITE_GB, BLOCK_C, ACC, ALIGN)  # fmt: skip
+            elif WRITE_GA or WRITE_GB:
+                _zero_row(ga_ptr, gb_ptr, xoff, head, full, rel, tmask, ecols, emask, BLOCK_C, ALIGN, WRITE_GA,
+                          WRITE_GB)  # fmt: skip
+        else:
+            total = _jsd_row_split(total, a_ptr, b_ptr, ga_ptr, gb_ptr, xoff, head, full, rel, tmask, ecols, emask,
+                                   rmask, keep, scale, beta, log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA, WRITE_GB,
+                                   BLOCK_C, ACC, ALIGN)  # fmt: skip
     else:
         for c0 in range(0, V, BLOCK_C):
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
             mask = rmask[:, None] & (cols < V)[None, :]
+            lmask = keep[:, None] & (cols < V)[None, :]  # keep: in range and not dropped
             total = _jsd_tile(total, a_ptr, xoff, cols * s_av, b_ptr, yoff, cols * s_bv, ga_ptr, gb_ptr, goff,
-                              cols * s_gv, mask, keep, scale, beta, log_beta, log_1mbeta, MODE, WRITE_LOSS, WRITE_GA,
-                              WRITE_GB, True, ACC)  # fmt: skip
+                              cols * s_gv, lmask, mask, keep, scale, beta, log_beta, log_1mbeta, MODE, WRITE_LOSS,
+                              WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
     if WRITE_LOSS:
         tl.store(out_ptr + rows, tl.where(keep, total, 0.0).to(out_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
-def _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr, srow, srel, t_ptr, trow, trel, mask, inv_t,
+def _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr, srow, srel, t_ptr, trow, trel, lmask, inv_t,
                    MASKED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """Fold one tile of both rows into the running maxima ``m``, shifts ``c``, sums ``z`` and ``D``."""
     # Raw logits, shifted by the raw maxima before the 1 / T scaling: near the maximum the
     # difference is exact, so a large common offset costs nothing (scaling first would not).
-    s = masked_load(s_ptr + srow[:, None] + srel[None, :], mask, NEG_INF, MASKED, "").to(ACC)
-    t = masked_load(t_ptr + trow[:, None] + trel[None, :], mask, NEG_INF, MASKED, "").to(ACC)
+    s = masked_load(s_ptr + srow[:, None] + srel[None, :], lmask, NEG_INF, MASKED, "").to(ACC)
+    t = masked_load(t_ptr + trow[:, None] + trel[None, :], lmask, NEG_INF, MASKED, "").to(ACC)
     new_s = tl.maximum(m_s, tl.max(s, 1))
     new_t = tl.maximum(m_t, tl.max(t, 1))
     n_s = tl.where(new_s == NEG_INF, 0.0, new_s)
@@ -201,9 +265,30 @@ def _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr, srow, srel, t_ptr, tr
 
 
 @triton.jit
-def _kd_stats(s_ptr, soff, s_sv, t_ptr, toff, s_tv, rmask, V, inv_t,
+def _kd_stats_split(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr, t_ptr, soff, head, full, rel, tmask, ecols, emask, keep,
+                    inv_t, BLOCK_C: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
+    """The statistics pass over one row split by ``aligned_tiles`` (student and teacher at ``soff``)."""
+    m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr, soff, ecols, t_ptr, soff,
+                                                     ecols, emask, inv_t, True, ACC)  # fmt: skip
+    for k in range(full):
+        c0 = head + k * BLOCK_C
+        m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr,
+                                                         tl.multiple_of(soff + c0, ALIGN), rel, t_ptr,
+                                                         tl.multiple_of(soff + c0, ALIGN), rel, keep[:, None], inv_t,
+                                                         False, ACC)  # fmt: skip
+    c0 = head + full * BLOCK_C
+    m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr,
+                                                     tl.multiple_of(soff + c0, ALIGN), rel, t_ptr,
+                                                     tl.multiple_of(soff + c0, ALIGN), rel, tmask, inv_t, True,
+                                                     ACC)  # fmt: skip
+    return m_s, m_t, c_s, c_t, z_s, z_t, d
+
+
+@triton.jit
+def _kd_stats(s_ptr, soff, s_sv, t_ptr, toff, s_tv, keep, V, inv_t, HAS_LABELS: tl.constexpr,
               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
-    """One online pass over the rows: ``(loss, c_s, log z_s, c_t, log z_t)`` per row (BLOCK_R,)."""
+    """One online pass over the rows ``keep`` holds (in range, not dropped; the others are not read, their
+    statistics unspecified): ``(loss, c_s, log z_s, c_t, log z_t)`` per row (BLOCK_R,)."""
     m_s = tl.full([BLOCK_R], NEG_INF, ACC)
     m_t = tl.full([BLOCK_R], NEG_INF, ACC)
     c_s = tl.zeros([BLOCK_R], ACC)  # the shifts in use: the raw maxima, 0 while they are -inf
@@ -212,26 +297,22 @@ def _kd_stats(s_ptr, soff, s_sv, t_ptr, toff, s_tv, rmask, V, inv_t,
     z_t = tl.zeros([BLOCK_R], ACC)
     d = tl.zeros([BLOCK_R], ACC)  # sum_v exp((t_v - c_t) / T) * ((t_v - c_t) - (s_v - c_s)) / T
     if ALIGN > 1:  # student and teacher rows at the same offsets (row_align): soff for both
-        head, full, rel, tmask, ecols, emask = aligned_tiles(soff, V, rmask, ALIGN, BLOCK_C)
-        m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr, soff, ecols, t_ptr,
-                                                         soff, ecols, emask, inv_t, True, ACC)  # fmt: skip
-        for k in range(full):
-            c0 = head + k * BLOCK_C
-            m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr,
-                                                             tl.multiple_of(soff + c0, ALIGN), rel, t_ptr,
-                                                             tl.multiple_of(soff + c0, ALIGN), rel, rmask[:, None],
-                                                             inv_t, False, ACC)  # fmt: skip
-        c0 = head + full * BLOCK_C
-        m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr,
-                                                         tl.multiple_of(soff + c0, ALIGN), rel, t_ptr,
-                                                         tl.multiple_of(soff + c0, ALIGN), rel, tmask, inv_t, True,
-                                                         ACC)  # fmt: skip
+        head, full, rel, tmask, ecols, emask = aligned_tiles(soff, V, keep, ALIGN, BLOCK_C)
+        if HAS_LABELS:
+            if _row_kept(keep):
+                m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_split(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr, t_ptr, soff,
+                                                                  head, full, rel, tmask, ecols, emask, keep, inv_t,
+                                                                  BLOCK_C, ACC, ALIGN)  # fmt: skip
+        else:
+            m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_split(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr, t_ptr, soff,
+                                                              head, full, rel, tmask, ecols, emask, keep, inv_t,
+                                                              BLOCK_C, ACC, ALIGN)  # fmt: skip
     else:
         for c0 in range(0, V, BLOCK_C):
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-            mask = rmask[:, None] & (cols < V)[None, :]
+            lmask = keep[:, None] & (cols < V)[None, :]
             m_s, m_t, c_s, c_t, z_s, z_t, d = _kd_stats_tile(m_s, m_t, c_s, c_t, z_s, z_t, d, s_ptr, soff,
-                                                             cols * s_sv, t_ptr, toff, cols * s_tv, mask, inv_t, True,
+                                                             cols * s_sv, t_ptr, toff, cols * s_tv, lmask, inv_t, True,
                                                              ACC)  # fmt: skip
     lz_s = tl.log(z_s)
     lz_t = tl.log(z_t)
@@ -239,12 +320,13 @@ def _kd_stats(s_ptr, soff, s_sv, t_ptr, toff, s_tv, rmask, V, inv_t,
 
 
 @triton.jit
-def _kd_grad_tile(a_ptr, srow, srel, b_ptr, trow, trel, ga_ptr, gb_ptr, grow, grel, mask, keep, scale, loss,
-                  c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA: tl.constexpr, WRITE_GB: tl.constexpr, MASKED: tl.constexpr,
-                  ACC: tl.constexpr):  # fmt: skip
-    """One tile of the student / teacher gradients from the rows' statistics (``scale`` includes ``1 / T``)."""
-    s = masked_load(a_ptr + srow[:, None] + srel[None, :], mask, 0.0, MASKED, "").to(ACC)
-    t = masked_load(b_ptr + trow[:, None] + trel[None, :], mask, 0.0, MASKED, "").to(ACC)
+def _kd_grad_tile(a_ptr, srow, srel, b_ptr, trow, trel, ga_ptr, gb_ptr, grow, grel, lmask, mask, keep, scale,
+                  loss, c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA: tl.constexpr, WRITE_GB: tl.constexpr,
+                  MASKED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """One tile of the student / teacher gradients from the rows' statistics (``scale`` includes ``1 / T``); loads
+    under ``lmask``, stores under ``mask`` (when ``MASKED``)."""
+    s = masked_load(a_ptr + srow[:, None] + srel[None, :], lmask, 0.0, MASKED, "").to(ACC)
+    t = masked_load(b_ptr + trow[:, None] + trel[None, :], lmask, 0.0, MASKED, "").to(ACC)
     log_q = (s - c_s[:, None]) * inv_t - lz_s[:, None]
     log_p = (t - c_t[:, None]) * inv_t - lz_t[:, None]
     p = tl.exp(log_p)
@@ -256,6 +338,24 @@ def _kd_grad_tile(a_ptr, srow, srel, b_ptr, trow, trel, ga_ptr, gb_ptr, grow, gr
         g = tl.where(p == 0.0, 0.0, p * (log_p - log_q - loss[:, None]))
         g = tl.where(keep[:, None], g * scale[:, None], 0.0)
         masked_store(gb_ptr + gof, g.to(gb_ptr.dtype.element_ty), mask, MASKED, "")
+
+
+@triton.jit
+def _kd_grad_split(a_ptr, b_ptr, ga_ptr, gb_ptr, goff, head, full, rel, tmask, ecols, emask, rmask, keep, scale, loss,
+                   c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA: tl.constexpr, WRITE_GB: tl.constexpr, BLOCK_C: tl.constexpr,
+                   ACC: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
+    """The gradient pass over one row split by ``aligned_tiles`` (inputs and gradients at ``goff``)."""
+    _kd_grad_tile(a_ptr, goff, ecols, b_ptr, goff, ecols, ga_ptr, gb_ptr, goff, ecols, emask, emask, keep, scale, loss,
+                  c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
+    for k in range(full):
+        c0 = head + k * BLOCK_C
+        _kd_grad_tile(a_ptr, tl.multiple_of(goff + c0, ALIGN), rel, b_ptr, tl.multiple_of(goff + c0, ALIGN), rel,
+                      ga_ptr, gb_ptr, tl.multiple_of(goff + c0, ALIGN), rel, rmask[:, None], rmask[:, None], keep,
+                      scale, loss, c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, False, ACC)  # fmt: skip
+    c0 = head + full * BLOCK_C
+    _kd_grad_tile(a_ptr, tl.multiple_of(goff + c0, ALIGN), rel, b_ptr, tl.multiple_of(goff + c0, ALIGN), rel, ga_ptr,
+                  gb_ptr, tl.multiple_of(goff + c0, ALIGN), rel, tmask, tmask, keep, scale, loss, c_s, lz_s, c_t, lz_t,
+                  inv_t, WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
 
 
 @triton.jit
@@ -285,7 +385,7 @@ def _kd_kernel(
         c_t = tl.load(out_ptr + 3 * R + rows, mask=rmask, other=0.0).to(ACC)
         lz_t = tl.load(out_ptr + 4 * R + rows, mask=rmask, other=0.0).to(ACC)
     else:
-        loss, c_s, lz_s, c_t, lz_t = _kd_stats(a_ptr, soff, s_av, b_ptr, toff, s_bv, rmask, V, inv_t,
+        loss, c_s, lz_s, c_t, lz_t = _kd_stats(a_ptr, soff, s_av, b_ptr, toff, s_bv, keep, V, inv_t, HAS_LABELS,
                                                BLOCK_R, BLOCK_C, ACC, ALIGN)  # fmt: skip
         tl.store(out_ptr + rows, tl.where(keep, loss, 0.0), mask=rmask)
         tl.store(out_ptr + R + rows, c_s, mask=rmask)
@@ -297,23 +397,25 @@ def _kd_kernel(
         goff = row_offsets(rows, B, s_ga, s_gb)
         if ALIGN > 1:  # the inputs at the gradients' offsets (row_align); the split recomputed, not kept live
             head, full, rel, tmask, ecols, emask = aligned_tiles(goff, V, rmask, ALIGN, BLOCK_C)
-            _kd_grad_tile(a_ptr, goff, ecols, b_ptr, goff, ecols, ga_ptr, gb_ptr, goff, ecols, emask, keep, scale,
-                          loss, c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
-            for k in range(full):
-                c0 = head + k * BLOCK_C
-                _kd_grad_tile(a_ptr, tl.multiple_of(goff + c0, ALIGN), rel, b_ptr, tl.multiple_of(goff + c0, ALIGN),
-                              rel, ga_ptr, gb_ptr, tl.multiple_of(goff + c0, ALIGN), rel, rmask[:, None], keep, scale,
-                              loss, c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, False, ACC)  # fmt: skip
-            c0 = head + full * BLOCK_C
-            _kd_grad_tile(a_ptr, tl.multiple_of(goff + c0, ALIGN), rel, b_ptr, tl.multiple_of(goff + c0, ALIGN), rel,
-                          ga_ptr, gb_ptr, tl.multiple_of(goff + c0, ALIGN), rel, tmask, keep, scale, loss, c_s, lz_s,
-                          c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, True, ACC)  # fmt: skip
+            if HAS_LABELS:
+                if _row_kept(keep):
+                    _kd_grad_split(a_ptr, b_ptr, ga_ptr, gb_ptr, goff, head, full, rel, tmask, ecols, emask, rmask,
+                                   keep, scale, loss, c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, BLOCK_C, ACC,
+                                   ALIGN)  # fmt: skip
+                else:
+                    _zero_row(ga_ptr, gb_ptr, goff, head, full, rel, tmask, ecols, emask, BLOCK_C, ALIGN, WRITE_GA,
+                              WRITE_GB)  # fmt: skip
+            else:
+                _kd_grad_split(a_ptr, b_ptr, ga_ptr, gb_ptr, goff, head, full, rel, tmask, ecols, emask, rmask, keep,
+                               scale, loss, c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, BLOCK_C, ACC,
+                               ALIGN)  # fmt: skip
         else:
             for c0 in range(0, V, BLOCK_C):
                 cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
                 mask = rmask[:, None] & (cols < V)[None, :]
+                lmask = keep[:, None] & (cols < V)[None, :]
                 _kd_grad_tile(a_ptr, soff, cols * s_av, b_ptr, toff, cols * s_bv, ga_ptr, gb_ptr, goff, cols * s_gv,
-                              mask, keep, scale, loss, c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, True,
+                              lmask, mask, keep, scale, loss, c_s, lz_s, c_t, lz_t, inv_t, WRITE_GA, WRITE_GB, True,
                               ACC)  # fmt: skip
 
 
