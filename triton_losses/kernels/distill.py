@@ -2,9 +2,9 @@
 
 Both work on ``(A, B, V)`` row views (row ``r = a * B + b``) with optional ``(A, B)`` labels whose
 ``ignore_index`` rows are masked, one program per block of rows, column blocks over the vocabulary.
-A masked row's loss and gradients are 0 whatever it holds, so it is never read: its loads are masked
-off, and a one-row program skips its whole tiles, storing zeros in the gradients instead (a prompt
-masked out of a distillation batch costs only those stores).
+A masked row's loss and gradients are 0 whatever it holds, so it is never read: the plain loop masks
+its loads off, and a row taking the aligned split (below) branches once on its label, storing only
+zeros in the gradients (a prompt masked out of a distillation batch costs only those stores).
 Scalars (``beta``, ``1 / temperature``) go in as kernel arguments, each as an fp32 pair
 ``hi + lo`` so that fp64 data keeps ~48 bits of them: nothing is copied to the device per call.
 
