@@ -126,12 +126,12 @@ def _jsd_tile(total, a_ptr, xrow, xrel, b_ptr, yrow, yrel, ga_ptr, gb_ptr, grow,
 
 
 @triton.jit
-def _zero_tile(ga_ptr, gb_ptr, gof, WRITE_GA: tl.constexpr, WRITE_GB: tl.constexpr):
-    """Zeros at ``gof`` in the gradients asked for (an unmasked tile of a row the labels drop)."""
+def _zero_tile(ga_ptr, gb_ptr, off, mask, MASKED: tl.constexpr, WRITE_GA: tl.constexpr, WRITE_GB: tl.constexpr):
+    """Zeros at ``off`` (under ``mask`` when ``MASKED``) in the gradients asked for."""
     if WRITE_GA:
-        tl.store(ga_ptr + gof, tl.zeros(gof.shape, ga_ptr.dtype.element_ty))
+        masked_store(ga_ptr + off, tl.zeros(off.shape, ga_ptr.dtype.element_ty), mask, MASKED, "")
     if WRITE_GB:
-        tl.store(gb_ptr + gof, tl.zeros(gof.shape, gb_ptr.dtype.element_ty))
+        masked_store(gb_ptr + off, tl.zeros(off.shape, gb_ptr.dtype.element_ty), mask, MASKED, "")
 
 
 @triton.jit
@@ -145,22 +145,12 @@ def _zero_row(ga_ptr, gb_ptr, off, head, full, rel, tmask, ecols, emask, BLOCK_C
               WRITE_GA: tl.constexpr, WRITE_GB: tl.constexpr):  # fmt: skip
     """Zeros in the gradients asked for over one row the labels drop, split as ``aligned_tiles`` splits it (its
     loss and gradients are 0 whatever it holds: it is never read)."""
-    eoff = off[:, None] + ecols[None, :]
-    if WRITE_GA:
-        tl.store(ga_ptr + eoff, tl.zeros(eoff.shape, ga_ptr.dtype.element_ty), mask=emask)
-    if WRITE_GB:
-        tl.store(gb_ptr + eoff, tl.zeros(eoff.shape, gb_ptr.dtype.element_ty), mask=emask)
+    _zero_tile(ga_ptr, gb_ptr, off[:, None] + ecols[None, :], emask, True, WRITE_GA, WRITE_GB)
     for k in range(full):
-        toff = tl.multiple_of(off + head + k * BLOCK_C, ALIGN)[:, None] + rel[None, :]
-        if WRITE_GA:
-            tl.store(ga_ptr + toff, tl.zeros(toff.shape, ga_ptr.dtype.element_ty))
-        if WRITE_GB:
-            tl.store(gb_ptr + toff, tl.zeros(toff.shape, gb_ptr.dtype.element_ty))
-    toff = tl.multiple_of(off + head + full * BLOCK_C, ALIGN)[:, None] + rel[None, :]  # the aligned rest
-    if WRITE_GA:
-        tl.store(ga_ptr + toff, tl.zeros(toff.shape, ga_ptr.dtype.element_ty), mask=tmask)
-    if WRITE_GB:
-        tl.store(gb_ptr + toff, tl.zeros(toff.shape, gb_ptr.dtype.element_ty), mask=tmask)
+        _zero_tile(ga_ptr, gb_ptr, tl.multiple_of(off + head + k * BLOCK_C, ALIGN)[:, None] + rel[None, :], tmask,
+                   False, WRITE_GA, WRITE_GB)  # fmt: skip
+    rest = tl.multiple_of(off + head + full * BLOCK_C, ALIGN)[:, None] + rel[None, :]  # the aligned rest
+    _zero_tile(ga_ptr, gb_ptr, rest, tmask, True, WRITE_GA, WRITE_GB)
 
 
 @triton.jit
