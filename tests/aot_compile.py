@@ -121,6 +121,21 @@ def eviction_hints(sass: str) -> dict:
     return dict(sorted(found.items()))
 
 
+def i32_stride_products(ttir: str, signature: dict) -> list[str]:
+    """The TTIR's 32-bit multiplications by a stride argument (an ``s_*`` scalar the launch passes as i32).
+
+    An index times a stride is an element offset, which passes 2**31 on large inputs (a K-dim class
+    stride of d1*...*dK, a transposed row's stride); it must be formed in 64 bits. Constant-1 strides
+    fold away, so a case whose strides are i32 values other than 1 is where this shows.
+    """
+    strides = {name for name, t in signature.items() if name.startswith("s_") and t.startswith("i32")}
+    out = []
+    for a, b, ty in re.findall(r"arith\.muli (%[\w.]+), (%[\w.]+) : (i32|tensor<[^>]*xi32[^>]*>)", ttir):
+        if {a.lstrip("%").split(".")[0], b.lstrip("%").split(".")[0]} & strides:
+            out.append(f"{a} * {b} : {ty}")
+    return sorted(set(out))
+
+
 # What ``--check`` tolerates, set by main(): spill bytes, and whether register use above the launch's
 # occupancy fails the check or is only reported (``--registers report``).
 _MAX_SPILL = 0
@@ -137,6 +152,8 @@ def findings(case, r: dict) -> list[str]:
         out.append(f"spills {r['spills']} bytes")
     if r["regs"] is not None and r["regs"] > r["max_regs"]:
         out.append(f"{r['regs']} registers > {r['max_regs']} (the launch's occupancy)")
+    if r.get("i32_strides"):
+        out.append(f"stride products in 32 bits: {r['i32_strides']}")
     if r["loads"] is not None:
         if "load" in case.vector_io and not r["loads"].get("128"):
             out.append(f"no 128-bit global load (loads by width: {r['loads']})")
@@ -176,12 +193,14 @@ def compile_case(key_arch: tuple[str, int]) -> dict:
     key, arch = key_arch
     case = _cases()[key]
     r = {"case": key, "arch": arch, "error": None, "regs": None, "spills": None, "max_regs": case.max_registers()}
-    r.update(loads=None, stores=None, hints=None, signature=None)
+    r.update(loads=None, stores=None, hints=None, signature=None, i32_strides=None)
     try:
         target = GPUTarget("cuda", arch, 32)
         src, options = specialise(case, target)
         r["signature"] = describe(src)
-        cubin = triton_compile(src, target=target, options=options.__dict__).asm["cubin"]
+        compiled = triton_compile(src, target=target, options=options.__dict__)
+        r["i32_strides"] = i32_stride_products(compiled.asm["ttir"], r["signature"])
+        cubin = compiled.asm["cubin"]
         usage = _cuobjdump(cubin, "-res-usage")
         if usage is not None:
             m = re.search(r"REG:(\d+) STACK:(\d+)", usage)

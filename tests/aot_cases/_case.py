@@ -14,9 +14,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+
+from triton_losses.kernels._common import assert_options
 
 # Representative launch: N tokens x an LM vocabulary (Llama 3), and an unaligned vocabulary (GPT-2).
 ROWS = 8192
@@ -41,6 +44,9 @@ FLOAT_NAMES: dict[torch.dtype, str] = {
     torch.float32: "fp32",
     torch.float64: "fp64",
 }
+
+# The launch options of the kernels holding a ``tl.device_assert`` on CUDA (``_common.assert_options``).
+ASSERT_OPTIONS = assert_options(SimpleNamespace(is_cuda=True))
 
 # Registers per SM on sm_80 / sm_90, and the resident warps per SM a launch is held to by default
 # (4 per scheduler, 25% occupancy): at most 65536 / (16 * 32) = 128 registers per thread.

@@ -8,7 +8,7 @@ from itertools import product
 from triton_losses.kernels import bce as k
 from triton_losses.kernels._elementwise import tile_for
 
-from ._case import DTYPES, FLOAT_NAMES, ROWS, elementwise_shapes, launched, meta, upstream
+from ._case import ASSERT_OPTIONS, DTYPES, FLOAT_NAMES, ROWS, elementwise_shapes, launched, meta, upstream
 
 GRADS = ((True, False), (False, True), (True, True))  # (need_dx, need_dy)
 
@@ -22,7 +22,7 @@ def _operands(dtype: str, shape: tuple, row_stride: int | None, weight: bool, po
 
 def _launches(dtype: str, name: str, geometry: dict, logits: bool, weight: bool, pos: bool, grads, scalars):
     x, y, w, pw = _operands(dtype, geometry["shape"], geometry.get("row_stride"), weight, pos)
-    fwd_options = {} if logits else {"debug": True}  # the probability range assert on CUDA
+    fwd_options = {} if logits else ASSERT_OPTIONS  # the probability range assert on CUDA
     io = ("load",) if geometry.get("row_stride") is None else ()
     for reduce in (False, True):
         yield from launched(k._bce_fwd_kernel, partial(k.bce_fwd, x, y, w, pw, logits, reduce, ROWS * ROWS),

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from itertools import product
-from types import SimpleNamespace
 
 import torch
 import triton.language as tl
 
 from triton_losses.kernels import cross_entropy as k
-from triton_losses.kernels._common import assert_options, launch_config, row_align
+from triton_losses.kernels._common import launch_config, row_align
 
-from ._case import DTYPES, FLOAT_NAMES, KDIM_B, ODD_VOCAB, ROWS, VOCAB, case, reachable, strides
+from ._case import ASSERT_OPTIONS, DTYPES, FLOAT_NAMES, KDIM_B, ODD_VOCAB, ROWS, VOCAB, case, reachable, strides
 
 FLAGS = ("HAS_WEIGHT", "PROB_TARGET", "LOGP_INPUT", "HAS_SMOOTHING", "HAS_Z", "HAS_SOFTCAP")
 # The compile options the row launchers add on CUDA (device-side target asserts kept).
-ROW_OPTIONS = assert_options(SimpleNamespace(is_cuda=True))
+ROW_OPTIONS = ASSERT_OPTIONS
 
 
 def _ptrs(x: str, target: str) -> dict[str, str]:
@@ -63,15 +62,14 @@ def _row_cases(x: str, C: int, B: int, config: tuple, flags: dict, launch: str, 
 def _reduction_cases(x: str):
     """The single-program denominator and 'mean' / 'sum' kernels, and the in-place gradient scale."""
     acc = tl.float64 if x == "fp64" else tl.float32
-    common = dict(ptrs=_ptrs(x, "i64"), scalars=dict(_scalars(VOCAB), n=ROWS * VOCAB), num_warps=4,
-                  launch=f"{ROWS}x{VOCAB}")  # fmt: skip
+    common = dict(ptrs=_ptrs(x, "i64"), scalars=dict(_scalars(VOCAB), n=ROWS * VOCAB), launch=f"{ROWS}x{VOCAB}")
     for weight, mean in product((False, True), repeat=2):
         flags = dict(HAS_WEIGHT=weight, PROB_TARGET=False, MEAN=mean, BLOCK=k._NORM_BLOCK, ACC=acc)
-        yield case(k._ce_norm_kernel, constexprs=flags, **common)
+        yield case(k._ce_norm_kernel, constexprs=flags, num_warps=k._NORM_WARPS, **common)
     for mean, nan in ((False, False), (True, False), (True, True)):
         flags = dict(MEAN=mean, NAN_IF_ZERO=nan, BLOCK=k._FINISH_BLOCK, ACC=acc)
         yield case(k._ce_finish_kernel, constexprs=flags, ptrs=dict(_ptrs(x, "i64"), out_ptr=x),
-                   **{k_: v for k_, v in common.items() if k_ != "ptrs"})  # fmt: skip
+                   num_warps=k._FINISH_WARPS, **{k_: v for k_, v in common.items() if k_ != "ptrs"})  # fmt: skip
     yield case(k._scale_kernel, constexprs=dict(BLOCK=k._SCALE_BLOCK, ACC=acc), vector_io=("load", "store"),
                **dict(common, num_warps=8))  # fmt: skip
 

@@ -7,7 +7,7 @@ import triton.language as tl
 from triton_losses.kernels import ctc as k
 from triton_losses.kernels._common import next_pow2
 
-from ._case import DTYPES, FLOAT_NAMES, case
+from ._case import ASSERT_OPTIONS, DTYPES, FLOAT_NAMES, case
 
 # The bench shapes (T, N, C, S): speech-like and a large-vocabulary CTC head.
 BENCH = ((1000, 32, 1024, 200), (300, 64, 10000, 80))
@@ -30,7 +30,7 @@ def _recursions(x: str, T: int, N: int, C: int, L: int, launch: str):
     acc = tl.float64 if x == "fp64" else tl.float32
     # One program per sequence: a launch has N programs, so one resident per SM is all it relies on.
     common = dict(ptrs=_ptrs(x), scalars=_scalars(T, N, C, L), num_warps=k._recursion_warps(block_s), launch=launch,
-                  programs_per_sm=1)  # fmt: skip
+                  programs_per_sm=1, options=ASSERT_OPTIONS)  # the target range assert on CUDA  # fmt: skip
     yield case(k._ctc_alpha_kernel, constexprs=dict(BLOCK_S=block_s, ACC=acc), **common)
     yield case(k._ctc_beta_kernel, constexprs=dict(BLOCK_S=block_s, BLOCK_L=max(16, next_pow2(L)), ACC=acc), **common)
 

@@ -7,7 +7,7 @@ import triton.language as tl
 from triton_losses.kernels import logprobs as k
 from triton_losses.kernels._common import launch_config, row_align
 
-from ._case import DTYPES, FLOAT_NAMES, ODD_VOCAB, ROWS, VOCAB, case, meta, reachable
+from ._case import ASSERT_OPTIONS, DTYPES, FLOAT_NAMES, ODD_VOCAB, ROWS, VOCAB, case, meta, reachable
 
 _GRAD_FLAGS = ((True, False), (True, True), (False, True))  # (HAS_GLP, HAS_GENT)
 
@@ -31,7 +31,9 @@ def _launch_cases(name: str, V: int, contiguous: bool, launch: str, all_flags: b
     x = meta(ROWS, V, dtype=name) if contiguous else meta(V, ROWS, dtype=name).t()
     align = row_align(x[:, :, None], block_r, x[:, :, None])  # > 1: odd rows split for 16-byte accesses
     tile = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc, ALIGN=align)
-    common = dict(ptrs=_ptrs(name), scalars=_scalars(V, contiguous), num_warps=warps, launch=launch)
+    common = dict(
+        ptrs=_ptrs(name), scalars=_scalars(V, contiguous), num_warps=warps, launch=launch, options=ASSERT_OPTIONS
+    )  # the token range assert on CUDA
     aligned = contiguous and V * DTYPES[name].itemsize % 16 == 0  # rows start on 16-byte boundaries
     io = ("load", "store") if aligned or align > 1 else ()
     for entropy in (True, False) if all_flags else (True,):

@@ -43,7 +43,7 @@ def tile_coords(R, D1, D2, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_I3
     ``D1``; else the rows' division is 64-bit. Offsets are int64 either way.
     """
     pid = tl.program_id(0)
-    n_cb = tl.cdiv(D2, BLOCK_C)
+    n_cb = (D2 - 1) // BLOCK_C + 1  # cdiv without D2 + BLOCK_C - 1, which passes 2**31 for D2 near it (D2 >= 1)
     rb = pid // n_cb
     cb = pid - rb * n_cb
     cols = cb.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)

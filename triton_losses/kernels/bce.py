@@ -19,8 +19,9 @@ Formulas (torch's, ``aten/src/ATen/native/Loss.cpp``), in fp32 (fp64 for fp64 da
              dx   = w * g * (x - y) / max((1 - x) * x, eps)   (eps: torch's 1e-12 in the data dtype)
              dy   = -w * g * log(x / (1 - x))
 
-On CUDA the probability forward runs with ``debug=True`` so its ``tl.device_assert`` checks that
-input and target lie in ``[0, 1]``, as torch's CUDA kernel asserts (Triton's interpreter ignores it).
+On CUDA the probability forward runs with ``_common.assert_options`` (``debug=True`` without the
+int32 overflow sanitizer) so its ``tl.device_assert`` checks that input and target lie in ``[0, 1]``,
+as torch's CUDA kernel asserts.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._precision import acc_dtype
+from ._common import assert_options
 from ._elementwise import (
     asked,
     fake_grads,
@@ -158,9 +160,9 @@ def bce_fwd(x: Tensor, y: Tensor, w, pw, logits: bool, reduce: bool, denom: int)
         ``(n_programs,)`` fp32 (fp64 for fp64) partial sums if ``reduce``, else the loss of ``x``'s
         shape and dtype.
     """
-    debug = x.is_cuda and not logits  # the in-kernel range assert, as torch's CUDA kernel
+    checks = {} if logits else assert_options(x)  # the in-kernel range assert, as torch's CUDA kernel
     return launch_forward(_bce_fwd_kernel, [x, y, w, pw], reduce, denom=denom, LOGITS=logits,
-                          HAS_WEIGHT=w is not None, HAS_POS_WEIGHT=pw is not None, debug=debug)  # fmt: skip
+                          HAS_WEIGHT=w is not None, HAS_POS_WEIGHT=pw is not None, **checks)  # fmt: skip
 
 
 def bce_bwd(x: Tensor, y: Tensor, w, pw, logits: bool, g: Tensor, eps: float, need_dx: bool, need_dy: bool):

@@ -108,8 +108,9 @@ def _ce_grad_pass(
                        True, ALIGN, ACC, EVICT)  # fmt: skip
     else:
         for c0 in range(0, C, BLOCK_C):
-            _ce_grad_block(x_ptr, xoff + c0 * s_xc, s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w,
-                           g_ptr, goff + c0 * s_gc, s_gc, dt_ptr, dtoff + c0 * s_dtc, s_dtc,
+            c64 = tl.cast(c0, tl.int64)  # column x stride passes 2**31 for K-dim rows (class stride d1*...*dK)
+            _ce_grad_block(x_ptr, xoff + c64 * s_xc, s_xc, t_ptr, toff + c64 * s_tc, s_tc, w_ptr, s_w,
+                           g_ptr, goff + c64 * s_gc, s_gc, dt_ptr, dtoff + c64 * s_dtc, s_dtc,
                            c0, C - c0, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
                            HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
                            True, BLOCK_C, ACC, EVICT)  # fmt: skip
@@ -287,8 +288,9 @@ def _ce_fwd_stats(
                                                    True, ALIGN, ACC, EVICT)  # fmt: skip
         else:
             for c0 in range(0, C, BLOCK_C):
-                m, s, swx, swt, swtx = _ce_stats_block(m, s, swx, swt, swtx, x_ptr, xoff + c0 * s_xc, s_xc, t_ptr,
-                                                       toff + c0 * s_tc, s_tc, w_ptr, s_w, c0, C - c0, rmask, softcap,
+                c64 = tl.cast(c0, tl.int64)  # column x stride passes 2**31 for K-dim rows
+                m, s, swx, swt, swtx = _ce_stats_block(m, s, swx, swt, swtx, x_ptr, xoff + c64 * s_xc, s_xc, t_ptr,
+                                                       toff + c64 * s_tc, s_tc, w_ptr, s_w, c0, C - c0, rmask, softcap,
                                                        HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP,
                                                        True, BLOCK_C, ACC, EVICT)  # fmt: skip
     return m, s, swx, swt, swtx
@@ -550,7 +552,8 @@ def _ce_partial_kernel(
         x_t = tl.load(x_ptr + xoff + tl.where(hit, tloc, 0) * s_xc, mask=hit, other=0.0).to(ACC)
         x_t = tl.where(hit, _softcap(x_t, softcap, hit, HAS_SOFTCAP), 0.0)
     # the forward's statistics pass, with the weights read from the slice's first class on
-    m, s, swx, swt, swtx = _ce_fwd_stats(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr + c_off * s_w, s_w, rmask, C,
+    w_slice = w_ptr + tl.cast(c_off, tl.int64) * s_w
+    m, s, swx, swt, swtx = _ce_fwd_stats(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_slice, s_w, rmask, C,
                                          softcap, HAS_WEIGHT, PROB_TARGET, False, HAS_SMOOTHING, HAS_SOFTCAP,
                                          BLOCK_R, BLOCK_C, ACC, "", ALIGN)  # fmt: skip
     dst = out_ptr + 6 * rows
@@ -865,7 +868,9 @@ def ce_partial(x: torch.Tensor, t: torch.Tensor, spec: CESpec) -> torch.Tensor:
     return out
 
 
-_NORM_BLOCK = 1024
+# The single-program reductions (denominator, final sum) take 4096 rows a step with 8 warps: each step
+# waits one memory latency, so R = 8192 rows (an LM batch) is 2 steps, not 8 (16 values per thread).
+_NORM_BLOCK, _NORM_WARPS = 4096, 8
 
 
 def ce_norm(x: torch.Tensor, t: torch.Tensor, spec: CESpec, mean: bool) -> torch.Tensor:
@@ -882,12 +887,12 @@ def ce_norm(x: torch.Tensor, t: torch.Tensor, spec: CESpec, mean: bool) -> torch
             w_ptr=w if w is not None else out, s_w=w.stride(0) if w is not None else 0, out_ptr=out,
             R=A * B, C=C, B=B, ignore_index=spec.ignore_index,
             HAS_WEIGHT=w is not None, PROB_TARGET=spec.prob_target, MEAN=mean,
-            BLOCK=_NORM_BLOCK, ACC=tl_acc(x.dtype), num_warps=4,
+            BLOCK=_NORM_BLOCK, ACC=tl_acc(x.dtype), num_warps=_NORM_WARPS,
         )  # fmt: skip
     return out
 
 
-_FINISH_BLOCK = 1024
+_FINISH_BLOCK, _FINISH_WARPS = 4096, 8
 
 
 def ce_finish(loss: torch.Tensor, norm: torch.Tensor, spec: CESpec, reduction: str, out_dtype) -> torch.Tensor:
@@ -902,7 +907,7 @@ def ce_finish(loss: torch.Tensor, norm: torch.Tensor, spec: CESpec, reduction: s
         _ce_finish_kernel[(1,)](
             loss_ptr=loss, norm_ptr=norm, out_ptr=out, R=loss.numel(),
             MEAN=reduction == "mean", NAN_IF_ZERO=spec.smoothing > 0.0,
-            BLOCK=_FINISH_BLOCK, ACC=tl_acc(loss.dtype), num_warps=4,
+            BLOCK=_FINISH_BLOCK, ACC=tl_acc(loss.dtype), num_warps=_FINISH_WARPS,
         )  # fmt: skip
     return out
 

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._precision import acc_dtype
-from ._common import NEG_INF, next_pow2, on_device, tl_acc
+from ._common import NEG_INF, assert_options, next_pow2, on_device, tl_acc
 from .cross_entropy import scale_
 
 __all__ = ["FUSES_GRAD", "TRACED", "ctc_bwd", "ctc_fwd", "max_target_length", "scale_"]
@@ -306,6 +306,7 @@ def ctc_fwd(
             _ctc_alpha_kernel[(N,)](
                 lp, *lp.stride(), _nonempty(targets), off, max(1, targets.numel()), il, tl_, alpha, nll,
                 T, C, max_len, blank, BLOCK_S=block_s, ACC=tl_acc(lp.dtype), num_warps=_recursion_warps(block_s),
+                **assert_options(lp),
             )  # fmt: skip
     grad = _gradient(lp, targets, off, il, tl_, blank, max_len, zero_infinity, nll, alpha, gscale) if fuse else None
     return nll, alpha, grad
@@ -339,7 +340,7 @@ def _gradient(lp, targets, off, il, tl_, blank, max_len, zero_infinity, nll, alp
         _ctc_beta_kernel[(N,)](
             lp, *lp.stride(), _nonempty(targets), off, max(1, targets.numel()), il, tl_, alpha, nll, perm, srt, q,
             T, C, L, blank, BLOCK_S=block_s, BLOCK_L=max(16, next_pow2(L)), ACC=tl_acc(lp.dtype),
-            num_warps=_recursion_warps(block_s),
+            num_warps=_recursion_warps(block_s), **assert_options(lp),
         )  # fmt: skip
         block_c = min(_ROW_TILE[lp.element_size()], max(128, next_pow2(C)))
         _ctc_grad_kernel[(T * N,)](

@@ -24,6 +24,7 @@ from .._precision import acc_dtype
 from ._common import (
     NEG_INF,
     aligned_tiles,
+    assert_options,
     lanes_sum_exp,
     launch_config,
     masked_load,
@@ -62,10 +63,11 @@ def _entropy_sum(m, s, t, mr):
 
 @triton.jit
 def _token_targets(tok_ptr, s_tok, rows, rmask, V):
-    """Tokens of a block of rows: ``(token, in_range, clamped)``; loads use the clamped index."""
+    """Tokens of a block of rows: ``(token, in_range, clamped)``; loads use the clamped index (the forward
+    asserts ``in_range`` once it has stored its rows: an assert is a call, and registers live across it
+    would go to the stack, so it comes where the least is live)."""
     tok = tl.load(tok_ptr + rows * s_tok, mask=rmask, other=0).to(tl.int64)
     inb = (tok >= 0) & (tok < V)
-    tl.device_assert(inb | ~rmask, "token_logprobs: token index out of range")
     return tok, inb, tl.where(inb, tok, 0)
 
 
@@ -130,6 +132,7 @@ def _logprobs_fwd_kernel(
     if ENTROPY:
         ent = log_s - (_entropy_sum(m, s, t, mr) + _entropy_sum(me, se, te, mr)) / sr
         tl.store(ent_ptr + rows, ent.to(ent_ptr.dtype.element_ty), mask=rmask)
+    tl.device_assert(inb | ~rmask, "token_logprobs: token index out of range")  # NaN was stored for it
 
 
 @triton.jit
@@ -241,7 +244,7 @@ def logprobs_fwd(x: Tensor, tokens: Tensor, temperature: float, entropy: bool) -
             x, x.stride(0), x.stride(1), tokens, tokens.stride(0), _temperature(x, temperature),
             logp, ent if entropy else logp, row_max, row_sum, R, V,
             ENTROPY=entropy, BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), ALIGN=row_align(x[:, :, None], block_r),
-            num_warps=warps,
+            num_warps=warps, **assert_options(x),
         )  # fmt: skip
     return logp, ent, row_max, row_sum
 
@@ -286,7 +289,7 @@ def logprobs_bwd(
             grad, grad.stride(0), grad.stride(1), R, V,
             HAS_GLP=g_logp is not None, HAS_GENT=g_ent is not None,
             BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), ALIGN=row_align(x[:, :, None], block_r, grad[:, :, None]),
-            num_warps=warps,
+            num_warps=warps, **assert_options(x),
         )  # fmt: skip
     return grad
 
