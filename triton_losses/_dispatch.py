@@ -128,6 +128,14 @@ def tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def compiling() -> bool:
+    """True while dynamo traces: calls then go through the kernels' custom ops, and no forward keeps a
+    fused gradient on its autograd context. A CUDA-graph capture is not compiling: it runs the eager
+    path (which has no host sync by default) so that the kernels it launches are exactly those the
+    eager warm-up compiled (a Triton kernel cannot be compiled and loaded while a stream captures)."""
+    return torch.compiler.is_compiling()
+
+
 def _mode_value() -> str:
     """``TRITON_LOSSES_BACKEND`` as written (normalised, not checked)."""
     return os.environ.get("TRITON_LOSSES_BACKEND", "auto").strip().lower() or "auto"
@@ -190,11 +198,11 @@ def backend(*tensors: torch.Tensor | None, op: str, unsupported: str | None = No
 
 def engine(family: str, *tensors: torch.Tensor | None, op: str, unsupported: str | None = None):
     """The engine serving this call of ``family``: the reference module, the kernels module, or
-    the kernels' custom ops (``kernels.<family>.TRACED``) while tracing. See :func:`backend`."""
+    the kernels' custom ops (``kernels.<family>.TRACED``) while dynamo traces. See :func:`backend`."""
     if backend(*tensors, op=op, unsupported=unsupported) == "torch":
         return _REFERENCE[family]
     kernels = _KERNELS[family]
-    return kernels.TRACED if tracing() else kernels
+    return kernels.TRACED if compiling() else kernels
 
 
 def reference(family: str) -> ModuleType:

@@ -163,11 +163,12 @@ def _mm_writes_fp32(acc: torch.Tensor, a: torch.Tensor) -> bool:
     """Whether ``torch.addmm(acc32, a16, b16, out_dtype=fp32, out=acc32)`` works here (checked once).
 
     CUDA with torch >= 2.8 has it; the CPU has not. The probe compares against an fp32 matmul on a
-    tiny problem (one sync, on the first call per device and dtype only, never under capture).
+    tiny problem (one sync, on the first call per device and dtype only, never under capture: a capture
+    takes the answer its eager warm-up found).
     """
-    if not a.is_cuda or tracing():
-        return False
     key = (a.device, a.dtype)
+    if not a.is_cuda or (key not in _OUT_DTYPE_MM and tracing()):  # a capture uses what its warm-up found
+        return False
     if key not in _OUT_DTYPE_MM:
         ok = False
         try:

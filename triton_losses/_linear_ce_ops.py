@@ -25,11 +25,8 @@ _OP = "linear_cross_entropy"
 
 
 def _engine(*tensors: Tensor):
-    """The cross-entropy engine for a chunk loop run inside the custom ops (resolved when they run).
-
-    Under CUDA-graph capture that is the kernels' ``TRACED`` namespace, whose launchers copy the
-    gradient into the chunk buffer they are given.
-    """
+    """The cross-entropy engine for a chunk loop run inside the custom ops (resolved when they run, never
+    while dynamo traces: the kernels module itself, as in eager mode, or the reference)."""
     return _dispatch.engine("cross_entropy", *tensors, op=_OP)
 
 

@@ -51,12 +51,13 @@ def broadcast_shape(*shapes) -> tuple[int, ...] | None:
 
 
 def may_fuse() -> bool:
-    """Whether a forward may compute its gradient too: grad mode on, and not while tracing.
+    """Whether a forward may compute its gradient too: grad mode on, and not while dynamo traces (a
+    CUDA-graph capture fuses as the eager warm-up did, so it launches the kernels that warm-up compiled).
 
     Read before ``Function.apply`` (inside ``forward`` grad mode is always off, and
     ``ctx.needs_input_grad`` is True for inputs requiring grad even under ``torch.no_grad()``).
     """
-    return torch.is_grad_enabled() and not _dispatch.tracing()
+    return torch.is_grad_enabled() and not _dispatch.compiling()
 
 
 def fused_coef(reduction: str, R: int, acc: torch.dtype, device) -> torch.Tensor:

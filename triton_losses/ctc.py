@@ -37,7 +37,7 @@ class CTCLossFunction(torch.autograd.Function):
         N = lp.shape[1]
         gscale = _gscale(tl_, N, reduction, acc_dtype(lp.dtype))
         # (a traced graph keeps no gradient on ctx between its forward and backward: never fused there)
-        fuse = eng.FUSES_GRAD and gscale is not None and ctx.needs_input_grad[0] and not _dispatch.tracing()
+        fuse = eng.FUSES_GRAD and gscale is not None and ctx.needs_input_grad[0] and not _dispatch.compiling()
         nll, alpha, grad = eng.ctc_fwd(lp, targets, off, il, tl_, blank, max_len, zero_infinity, gscale, fuse)
         ctx.save_for_backward(lp, targets, off, il, tl_, nll, None if fuse else alpha, gscale)
         ctx.grad, ctx.eng = grad, eng
