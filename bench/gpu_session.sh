@@ -5,19 +5,30 @@
 #   bash bench/gpu_session.sh            # on the GPU machine
 #   bash bench/gpu_session.sh --dry-run  # every step at toy sizes on this CPU (tests/test_bench_cli.py runs it)
 #
-#   1. device facts: name, SMs, L2, memory, measured copy bandwidth        -> session.log
+#   1. device facts: name, SMs, L2, memory, measured copy bandwidth, and the time of linear
+#      cross-entropy's three GEMMs at 8192 x 4096 x 128256 (the goal's denominator)
+#                                                                           -> session.log, ce-sweep.jsonl
 #   2. the `-m gpu` test tier                                               -> gpu-tests.log
 #   3. cross-entropy sweep: variants x launch configurations at N=8192 x V in {128256, 32000, 262144}
-#      bf16, forward with and without the gradient write, GB/s and % of copy bandwidth
+#      bf16, forward with the gradient write first, then without, GB/s and % of copy bandwidth
 #                                                                           -> ce-sweep.jsonl, tables in session.log
-#   4. cross-entropy and linear cross-entropy vs torch eager               -> bench.json, bench.md
-#   5. the same against torch.compile and Liger-Kernel, if time is left    -> bench-extra.json, bench-extra.md
+#   4. cross-entropy and linear cross-entropy: ours vs torch eager and Liger-Kernel, V = 128256 first
+#                                                                           -> bench.json, bench.md
+#   5. ours vs torch.compile at V = 128256, if time is left                  -> bench-extra.json, bench-extra.md
 #   6. `triton-losses check`                                                -> check.log
-#   then the launch-configuration table the sweep implies.
+#   7. the goals (bench/gpu_goals.py: % of copy bandwidth, vs Liger, vs torch.compile, linear CE vs
+#      its GEMMs) as PASS / FAIL / not measured, and the launch-configuration table the sweep implies
+#                                                                           -> session.log
 #
 # Each step runs under its own `timeout`, sized from what is left of the session; its output goes
-# straight to its file in $OUT (the device tool's folder; default out/gpu) as it is written, and the
-# console shows its tail. At most 8 files. Optional wheels (e.g. liger-kernel) install from .whl/ if present.
+# straight to its file in $OUT (the device tool's folder; default out/gpu) as it is written (the
+# bench tables are rewritten after every row, so a step cut short keeps what it measured), and the
+# console shows its tail. At most 8 files.
+#
+# Liger-Kernel is not in the GPU image and the machine has no internet: its wheel travels in .whl/
+# (git-ignored). Before the device call, on this machine:
+#     pip download --no-deps -d .whl liger-kernel==0.8.5
+# and call the device tool with carry [".whl"]. Without it the Liger goal is reported "not measured".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
@@ -68,30 +79,43 @@ if [ "$DRY" = 1 ]; then
     CE_SIZES=(8x300 4x1000)
     BENCH_ARGS=(--quick --device cpu --hidden 16 --copy-mib 16 --rep-ms 0 --min-reps 1)
     CHECK_ARGS=(--ops cross_entropy)
-    EXTRA=(torch liger) # torch.compile on a CPU compiles C++ per shape: too slow for a dry run
+    EXTRA=(torch ours) # torch.compile on a CPU compiles C++ per shape: too slow for a dry run
     TESTS=(tests/test_gpu.py)
+    GOALS_ARGS=(--ce 8x300 --linear 8x300x16)
+    WORKERS=()
 else
+    unset TRITON_INTERPRET # the real kernels, whatever the caller's environment holds
     DRYARG=()
-    CE_SIZES=(8192x32000 8192x128256 8192x262144)
+    CE_SIZES=(8192x128256 8192x32000 8192x262144) # the goals' size first: a cut drops the others
     BENCH_ARGS=(--hidden 4096)
     CHECK_ARGS=()
-    EXTRA=(torch torch.compile liger)
+    EXTRA=(torch ours torch.compile)
     TESTS=(tests)
+    GOALS_ARGS=()
+    WORKERS=(-n 4) # one GPU: 4 workers, not one per core (each imports torch and compiles its own kernels)
 fi
 TL=(python3 -m triton_losses)
 
 say "gpu_session: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') dry-run=$DRY"
-step "device facts" 45 0 session.log python3 bench/gpu_sweep.py facts "${DRYARG[@]}"
-step "gpu test tier" 150 300 gpu-tests.log python3 -m pytest -q -p no:cacheprovider -m gpu --durations=10 "${TESTS[@]}"
-budget=$(($(left) - 170))
+if ! python3 -c "import liger_kernel" 2>/dev/null; then
+    say "WARNING: liger-kernel is not importable: the Liger comparison will be 'not measured'" \
+        "(pip download --no-deps -d .whl liger-kernel==0.8.5 here, then carry .whl to the device)"
+fi
+step "device facts" 60 0 session.log python3 bench/gpu_sweep.py facts "${DRYARG[@]}" --out "$OUT/ce-sweep.jsonl"
+step "gpu test tier" 150 300 gpu-tests.log env TORCHINDUCTOR_COMPILE_THREADS=1 python3 -m pytest -q "${WORKERS[@]}" \
+    -p no:cacheprovider -m gpu --durations=10 "${TESTS[@]}"
+budget=$(($(left) - 200))
 [ "$budget" -gt 130 ] && budget=130
-step "CE sweep" 130 170 session.log python3 bench/gpu_sweep.py sweep "${DRYARG[@]}" --out "$OUT/ce-sweep.jsonl" \
+step "CE sweep" 130 200 session.log python3 bench/gpu_sweep.py sweep "${DRYARG[@]}" --out "$OUT/ce-sweep.jsonl" \
     --budget-s $((budget - 25))
-step "CE / linear CE vs torch eager" 110 60 session.log "${TL[@]}" bench --no-progress --no-plots --providers torch ours \
-    --ops cross_entropy linear_cross_entropy --sizes "${CE_SIZES[@]}" "${BENCH_ARGS[@]}" --out "$OUT" --prefix bench
-step "vs torch.compile, Liger" 100 55 session.log "${TL[@]}" bench --no-progress --no-plots --providers "${EXTRA[@]}" \
-    --ops cross_entropy linear_cross_entropy --sizes "${CE_SIZES[1]}" "${BENCH_ARGS[@]}" --out "$OUT" --prefix bench-extra
-step "triton-losses check" 55 0 check.log "${TL[@]}" check "${CHECK_ARGS[@]}"
+step "CE / linear CE vs torch eager, Liger" 110 70 session.log "${TL[@]}" bench --no-progress --no-plots \
+    --providers torch ours liger --ops cross_entropy linear_cross_entropy --sizes "${CE_SIZES[@]}" "${BENCH_ARGS[@]}" \
+    --out "$OUT" --prefix bench
+step "vs torch.compile" 100 65 session.log "${TL[@]}" bench --no-progress --no-plots --providers "${EXTRA[@]}" \
+    --ops cross_entropy linear_cross_entropy --sizes "${CE_SIZES[0]}" "${BENCH_ARGS[@]}" --out "$OUT" --prefix bench-extra
+step "triton-losses check" 50 15 check.log "${TL[@]}" check "${CHECK_ARGS[@]}"
+say "== goals"
+timeout -k 5 15 python3 bench/gpu_goals.py "$OUT" "${GOALS_ARGS[@]}" 2>&1 | tee -a "$LOG"
 
 implied=$(awk '/^## launch configurations implied/ {buf = ""; on = 1; next}
     on && /^\|/ {buf = buf $0 "\n"; next} on && NF {on = 0} END {printf "%s", buf}' "$LOG")

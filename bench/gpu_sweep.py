@@ -1,15 +1,21 @@
 """Device facts and the cross-entropy launch-configuration sweep of ``bench/gpu_session.sh``.
 
-``python bench/gpu_sweep.py facts`` prints the device (name, SMs, L2, memory, versions) and its
-measured copy bandwidth as one JSON line. ``python bench/gpu_sweep.py sweep --out FILE`` times the
-cross-entropy forward of ``triton_losses`` at N = 8192 x V in {128256, 32000, 262144} bf16, without
-the gradient write (``x`` needs no grad: reads N*V*2 bytes) and with it (the fused gradient:
-reads and writes N*V*2 bytes each), for every launch configuration in :data:`CONFIGS` (forced
-through the launch-configuration function the launchers call), and every CE variant the kernels
-module offers through its environment override, if it has one. Each measurement is a JSON line in
-FILE as it is taken (GB/s and % of the copy bandwidth); at the end it prints the tables and the launch
-configuration the measurements imply per V and mode. ``--budget-s`` stops taking new measurements
-in time to print them. ``--dry-run``: toy sizes on the CPU (through Triton's interpreter).
+``python bench/gpu_sweep.py facts [--out FILE]`` prints the device (name, SMs, L2, memory, versions),
+its measured copy bandwidth and the time of the three GEMMs of a linear cross-entropy step at
+N = 8192, H = 4096, V = 128256 bf16 (the denominator of the goal "linear cross-entropy within 1.15x
+of its GEMMs") as one JSON line, and appends it to FILE (``"kind": "facts"``).
+
+``python bench/gpu_sweep.py sweep --out FILE`` times the cross-entropy *forward* of ``triton_losses``
+at N = 8192 x V in {128256, 32000, 262144} bf16, with the gradient write first (the fused gradient:
+reads and writes N*V*2 bytes; what a training step runs) and then without it (``x`` needs no grad:
+reads N*V*2 bytes), for every launch configuration in :data:`CONFIGS` (forced through the
+launch-configuration function the launchers call), and every CE variant the kernels module offers
+through its environment override (``two_pass`` only with the gradient: without it, it is ``rows``).
+Each measurement is a JSON line in FILE as it is taken (``"kind": "sweep"``, GB/s and % of the copy
+bandwidth); at the end it prints the tables and the launch configuration the measurements imply per
+V and mode. The sweep times the forward alone; the goals are read from the forward+backward of
+``triton-losses bench`` (``bench/gpu_goals.py``). ``--budget-s`` stops taking new measurements in
+time to print them. ``--dry-run``: toy sizes on the CPU (through Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -37,10 +43,37 @@ VOCABS = (128256, 32000, 262144)  # most valuable first: a budget cut drops the 
 # (BLOCK_C, num_warps) forced on the launchers; BLOCK_R = 1 (rows this long take one row per program).
 CONFIGS = [(bc, w) for bc in (4096, 8192, 16384, 2048) for w in (8, 16, 4)]
 DRY = dict(N=4, VOCABS=(200, 64), CONFIGS=[(64, 4), (32, 4)])
+# The linear cross-entropy goal's shape (tokens, hidden, vocabulary), and a toy one for --dry-run.
+LINEAR, DRY_LINEAR = (8192, 4096, 128256), (8, 16, 300)  # (N, H, V)
 
 
-def facts(device: torch.device, copy_mib: int) -> dict:
-    """Device name, SMs, L2, memory, versions, and the measured copy bandwidth (GB/s, read + write)."""
+def gemms(device: torch.device, n: int, h: int, v: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Milliseconds of the three GEMMs of a linear cross-entropy step, each alone and all three in a row.
+
+    ``logits = x @ W.T`` (N, V), ``grad_input = g @ W`` (N, H) and ``grad_weight = g.T @ x`` (V, H), for
+    ``x`` (N, H), ``W`` (V, H) and a (N, V) gradient ``g``, in ``dtype`` (cuBLAS accumulates in fp32) with
+    the layouts ``linear_cross_entropy`` uses; L2 flushed before each run (do_bench).
+    """
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, h, device=device, generator=gen).to(dtype)
+    w = torch.randn(v, h, device=device, generator=gen).to(dtype)
+    g = torch.randn(n, v, device=device, generator=gen).to(dtype)
+    fns = {"logits": lambda: x @ w.t(), "grad_input": lambda: g @ w, "grad_weight": lambda: g.t() @ x}
+    out = {name: time_ms(f, device, warmup=200, rep=500) for name, f in fns.items()}
+    out["all3"] = time_ms(lambda: [f() for f in fns.values()], device, warmup=200, rep=800)
+    out["tflops_all3"] = 6 * n * h * v / (out["all3"] * 1e-3) / 1e12
+    return dict(N=n, H=h, V=v, dtype=str(dtype).removeprefix("torch."), ms=out)
+
+
+def copy_gbps(device: torch.device, copy_mib: int) -> tuple[float, float]:
+    """The measured copy bandwidth (GB/s, read + write) and the median ms of one copy."""
+    gbps, st = copy_bandwidth(device, copy_mib * 2**20, rep_ms=200.0 if device.type == "cuda" else 0.0, min_reps=3)
+    return gbps, st.median
+
+
+def facts(device: torch.device, copy_mib: int, linear: tuple[int, int, int] = LINEAR) -> dict:
+    """Device name, SMs, L2, memory, versions, the measured copy bandwidth (GB/s, read + write) and the
+    time of linear cross-entropy's three GEMMs at ``linear`` = (N, H, V)."""
     out = {"device": str(device), "versions": versions()}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
@@ -48,17 +81,18 @@ def facts(device: torch.device, copy_mib: int) -> dict:
                    memory_gib=p.total_memory / 2**30, capability=f"{p.major}.{p.minor}")  # fmt: skip
     else:
         out.update(name="cpu", sms=os.cpu_count(), l2_mib=None, memory_gib=None, capability=None)
-    gbps, st = copy_bandwidth(device, copy_mib * 2**20, rep_ms=200.0 if device.type == "cuda" else 0.0, min_reps=3)
-    out.update(copy_gbps=gbps, copy_ms=st.median, copy_mib=copy_mib)
+    gbps, ms = copy_gbps(device, copy_mib)
+    out.update(copy_gbps=gbps, copy_ms=ms, copy_mib=copy_mib)
+    out["gemms"] = gemms(device, *linear)
     return out
 
 
-def time_ms(fn, device: torch.device) -> float:
+def time_ms(fn, device: torch.device, warmup: float = 10, rep: float = 40) -> float:
     """Median milliseconds of ``fn()``: ``do_bench`` on CUDA, the best of 3 wall-clock runs on a CPU."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     fn()
     samples = []
     for _ in range(3):
@@ -108,13 +142,14 @@ def measure(x: torch.Tensor, t: torch.Tensor, config: tuple[int, int] | None, va
             os.environ.pop(env) if saved is None else os.environ.__setitem__(env, saved)
     moved = n * V * 2 * (2 if grad else 1)
     gbps = moved / (ms * 1e-3) / 1e9
-    return dict(V=V, N=n, grad=grad, config=list(config) if config else "default", variant=value or "default",
-                ms=ms, gbps=gbps, pct_copy=100 * gbps / copy_gbps, bytes=moved)  # fmt: skip
+    return dict(kind="sweep", V=V, N=n, grad=grad, config=list(config) if config else "default",
+                variant=value or "default", ms=ms, gbps=gbps, pct_copy=100 * gbps / copy_gbps, bytes=moved)  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
     """Markdown: every measurement, then the best configuration per (V, mode) against the default."""
-    lines = ["| V | mode | variant | BLOCK_C, warps | ms | GB/s | % copy |", "|---|---|---|---|---|---|---|"]
+    lines = ["Cross-entropy forward alone (the fwd+bwd goals are in triton-losses bench's tables):", ""]
+    lines += ["| V | mode | variant | BLOCK_C, warps | ms | GB/s | % copy |", "|---|---|---|---|---|---|---|"]
     key = lambda r: (r["V"], r["grad"], -r["gbps"])
     for r in sorted(rows, key=key):
         mode = "fwd+grad write" if r["grad"] else "fwd"
@@ -136,22 +171,25 @@ def sweep(args, device: torch.device) -> int:
     """Every (V, mode, variant, configuration) in order of value, until done or ``args.budget_s`` is spent."""
     n, vocabs, configs = (DRY["N"], DRY["VOCABS"], DRY["CONFIGS"]) if args.dry_run else (N, VOCABS, CONFIGS)
     start = time.monotonic()
-    copy_gbps = facts(device, 16 if args.dry_run else 1024)["copy_gbps"]
+    copy, _ = copy_gbps(device, 16 if args.dry_run else 1024)
     rows: list[dict] = []
     with open(args.out, "a") as f:
-        for V, grad in itertools.product(vocabs, (False, True)):
+        for V, grad in itertools.product(vocabs, (True, False)):  # the gradient-writing forward first
             x = torch.randn(n, V, device=device, dtype=torch.bfloat16).requires_grad_(grad)
             t = torch.randint(0, V, (n,), device=device)
-            for variant, config in itertools.product(variants(), [None, *configs]):
+            # without the gradient, two_pass is the rows variant: measured once, as rows
+            kinds = [v for v in variants() if grad or v[1] != "two_pass"]
+            for variant, config in itertools.product(kinds, [None, *configs]):
                 if time.monotonic() - start > args.budget_s:
                     print(f"sweep: the budget of {args.budget_s:.0f} s is spent after {len(rows)} measurements")
                     print(table(rows))
                     return 0
                 try:
-                    r = measure(x, t, config, variant, copy_gbps)
+                    r = measure(x, t, config, variant, copy)
                     rows.append(r)
                 except Exception as e:  # recorded: one failing configuration must not end the sweep
-                    r = dict(V=V, grad=grad, config=config, variant=variant[1], error=f"{type(e).__name__}: {e}")
+                    r = dict(kind="sweep", V=V, grad=grad, config=config, variant=variant[1],
+                             error=f"{type(e).__name__}: {e}")  # fmt: skip
                     print("sweep:", r)
                 f.write(json.dumps(r) + "\n")
                 f.flush()
@@ -163,14 +201,18 @@ def sweep(args, device: torch.device) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python bench/gpu_sweep.py", description=__doc__.split("\n")[0])
     ap.add_argument("command", choices=("facts", "sweep"))
-    ap.add_argument("--out", type=Path, help="sweep: JSON lines file, appended to as measurements come")
+    ap.add_argument("--out", type=Path, help="JSON lines file, appended to (sweep: as measurements come)")
     ap.add_argument("--budget-s", type=float, default=120.0, help="sweep: stop taking measurements after this")
     ap.add_argument("--copy-mib", type=int, default=1024, help="facts: copy-bandwidth buffer (default 1024)")
     ap.add_argument("--dry-run", action="store_true", help="toy sizes, on the CPU")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if args.command == "facts":
-        print(json.dumps(facts(device, 16 if args.dry_run else args.copy_mib)))
+        record = facts(device, 16 if args.dry_run else args.copy_mib, DRY_LINEAR if args.dry_run else LINEAR)
+        print(json.dumps(record))
+        if args.out is not None:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"kind": "facts", **record}) + "\n")
         return 0
     if args.out is None:
         ap.error("sweep needs --out")

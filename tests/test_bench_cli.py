@@ -219,14 +219,27 @@ def test_gpu_session_dry_run(tmp_path):
     assert len(files) <= 8, files
     assert {"session.log", "gpu-tests.log", "ce-sweep.jsonl", "bench.json", "bench.md", "check.log"} <= files
     log = (tmp_path / "session.log").read_text()
-    for step in ("device facts", "gpu test tier", "CE sweep", "CE / linear CE vs torch eager", "triton-losses check"):
+    steps = ("device facts", "gpu test tier", "CE sweep", "CE / linear CE vs torch eager, Liger", "vs torch.compile",
+             "triton-losses check")  # fmt: skip
+    for step in steps:
         assert f"== {step}: exit 0" in log, log[-3000:]
-    sweep = [json.loads(line) for line in (tmp_path / "ce-sweep.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "ce-sweep.jsonl").read_text().splitlines()]
+    sweep = [r for r in records if r["kind"] == "sweep"]
     assert sweep and not [r for r in sweep if "error" in r], sweep
     assert {r["config"] == "default" for r in sweep} == {True, False}  # forced configurations were measured
+    assert sweep[0]["grad"] and {r["grad"] for r in sweep} == {True, False}  # the gradient-writing forward first
     assert "| 200 | fwd+grad write |" in log.split("launch configurations the sweep implies")[-1]
     facts = json.loads(next(line for line in log.splitlines() if line.startswith('{"device"')))
-    assert facts["copy_gbps"] > 0
+    assert facts["copy_gbps"] > 0 and facts["gemms"]["ms"]["all3"] > 0
+    assert [r for r in records if r["kind"] == "facts"] == [{"kind": "facts", **facts}]
+    goals = log.split("== goals")[-1]
+    for goal in ("share of the copy bandwidth", "speedup over liger", "speedup over torch.compile", "three GEMMs"):
+        assert goal in goals, goals
+    # measured at the dry run's sizes: CE and linear CE (Liger runs on CUDA only; torch.compile not in the dry run)
+    assert goals.count("| PASS |") + goals.count("| FAIL |") == 2, goals
+    bench = json.loads((tmp_path / "bench-extra.json").read_text())
+    ours = [r for r in bench["results"] if r["provider"] == "ours" and r["status"] == "ok"]
+    assert ours and all("torch" in r["speedup_vs"] for r in ours)
 
 
 @pytest.mark.slow  # ~10 s: a pytest run of its own

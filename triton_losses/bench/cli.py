@@ -81,7 +81,9 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--warmup-ms", type=float, default=25.0, help="GPU: do_bench warmup (default 25)")
     b.add_argument("--rep-ms", type=float, help="time spent per measurement (GPU default 100, CPU 500, CPU --quick 0)")
-    b.add_argument("--min-reps", type=int, help="CPU: timed iterations at least (default 5, --quick 3)")
+    b.add_argument(
+        "--min-reps", type=int, help="timed runs at least per measurement (default: GPU 10, CPU 5, --quick 3)"
+    )
     b.add_argument(
         "--copy-mib", type=int, default=1024, help="buffer for the copy bandwidth (default 1024: beyond the caches)"
     )
@@ -145,13 +147,20 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         quick=args.quick,
         warmup_ms=args.warmup_ms,
         rep_ms=args.rep_ms if args.rep_ms is not None else (100.0 if not cpu else 0.0 if args.quick else 500.0),
-        min_reps=args.min_reps or (3 if args.quick else 5),
+        min_reps=args.min_reps or (3 if args.quick else 5 if cpu else 10),
         copy_bytes=args.copy_mib * 2**20,
     )
-    doc = runner.run(cfg, argv, progress=False if args.no_progress else None)
-
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{device_slug(device)}-{doc['meta']['date']}" if args.prefix == "auto" else args.prefix
+
+    def stem_of(doc: dict) -> str:
+        return f"{device_slug(device)}-{doc['meta']['date']}" if args.prefix == "auto" else args.prefix
+
+    def checkpoint(doc: dict) -> None:  # the tables so far: a run cut short keeps what it measured
+        report.write_json(doc, args.out / f"{stem_of(doc)}.json")
+        (args.out / f"{stem_of(doc)}.md").write_text(report.markdown(doc, None))
+
+    doc = runner.run(cfg, argv, progress=False if args.no_progress else None, checkpoint=checkpoint)
+    stem = stem_of(doc)
     png = args.out / f"{stem}.png"
     plot_name = None
     if args.no_plots:

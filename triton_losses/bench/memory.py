@@ -13,7 +13,10 @@
 
 The gradient the step leaves in ``.grad`` counts (it is allocated during the step). The reported
 ``peak_bytes`` adds the inputs' bytes, so it is what the step needs in all; ``extra_bytes -
-grads_bytes`` is the working memory beyond the inputs and the gradients the step must return.
+grads_bytes`` is the working memory beyond the inputs and the gradients the step must return. A
+gradient written into an input's own storage (Liger-Kernel's cross-entropy overwrites the logits)
+allocates nothing: it is left out of ``grads_bytes`` and its bytes are reported as
+``aliased_grads_bytes``, so the working memory stays comparable across providers.
 """
 
 from __future__ import annotations
@@ -51,14 +54,28 @@ def peak_memory(fn: Callable, case: Case, device: torch.device) -> dict:
         extra, method = torch.cuda.max_memory_allocated(device) - base, CUDA_METHOD
     else:
         extra, method = _cpu_extra_peak(lambda: fwd_bwd(fn, case)), CPU_METHOD
-    grads = sum(t.numel() * t.element_size() for t in case.grad_inputs)
+    fresh, aliased = _grad_bytes(case)
     return {
         "peak_bytes": case.nbytes + extra,
         "extra_bytes": extra,
         "inputs_bytes": case.nbytes,
-        "grads_bytes": grads,
+        "grads_bytes": fresh,
+        "aliased_grads_bytes": aliased,
         "method": method,
     }
+
+
+def _grad_bytes(case: Case) -> tuple[int, int]:
+    """Bytes of the ``.grad`` tensors the step left: ``(in storage of their own, in an input's storage)``."""
+    inputs = {a.untyped_storage().data_ptr() for a in case.args if isinstance(a, torch.Tensor)}
+    fresh = aliased = 0
+    for t in case.grad_inputs:
+        nbytes = t.numel() * t.element_size()
+        if t.grad is not None and t.grad.untyped_storage().data_ptr() in inputs:
+            aliased += nbytes
+        else:
+            fresh += nbytes
+    return fresh, aliased
 
 
 def _cpu_extra_peak(run: Callable[[], None]) -> int:

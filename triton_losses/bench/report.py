@@ -93,6 +93,30 @@ def cells(row: dict, op_info: dict) -> list[str]:
     ]
 
 
+def ours_against(rows: list[dict]) -> str | None:
+    """One line for a size's rows: ours' fwd+bwd speedup over each other provider measured with it."""
+    ours = next((r for r in rows if r["provider"] == "ours" and r.get("speedup_vs")), None)
+    if ours is None:
+        return None
+    label = f"{ours['N']}x{ours['V']}" + ("" if ours.get("H") is None else f"x{ours['H']}")
+    parts = ", ".join(f"{x:.2f}x {name}" for name, x in ours["speedup_vs"].items())
+    return f"  ours fwd+bwd at {label}: {parts} (their median / ours)"
+
+
+def _ours_table(rows: list[dict]) -> list[str]:
+    """Markdown rows: per size, ours' fwd+bwd speedup over each other provider (empty if none was compared)."""
+    ours = [r for r in rows if r["provider"] == "ours" and r.get("speedup_vs")]
+    others = list(dict.fromkeys(name for r in ours for name in r["speedup_vs"]))
+    if not ours:
+        return []
+    out = ["", "ours' fwd+bwd speedup over each provider (their median / ours; above 1: ours is faster):", ""]
+    out += ["| size | " + " | ".join(others) + " |", "|" + " --- |" * (len(others) + 1)]
+    for r in ours:
+        label = f"{r['N']}x{r['V']}" + ("" if r.get("H") is None else f"x{r['H']}")
+        out.append(f"| {label} | " + " | ".join(_num(r["speedup_vs"].get(o), 2) for o in others) + " |")
+    return out
+
+
 def _pad(cell: str, name: str, width: int) -> str:
     return cell.ljust(width) if name == "provider" else cell.rjust(width)
 
@@ -153,6 +177,11 @@ def markdown(doc: dict, plot_name: str | None) -> str:
                 c = cells(r, info)
                 c += [""] * (len(cols) - len(c))
                 lines.append("| " + " | ".join(c) + " |")
+        lines += _ours_table(rows)
+        aliased = sorted({r["provider"] for r in rows if (r.get("memory") or {}).get("aliased_grads_bytes")})
+        if aliased:
+            lines.append(f"\n*{', '.join(aliased)}: the gradient is written into an input's storage (it overwrites "
+                         "the input); its bytes are not in peak or work MiB*")  # fmt: skip
         for prov, status, reason in op_specific_absences(doc["providers"], rows):
             lines.append(f"\n*{prov}: {status}: {reason}*")
     if plot_name:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,8 @@ def measure(op: Op, size: Size, provider: Provider, cfg: Config, copy_gbps: floa
         fn = provider.build(op)
     except LookupError as e:
         return {**row, "status": "missing", "reason": str(e)}
+    except Exception as e:  # e.g. an optional provider's import failing: that row, not the run
+        return {**row, "status": "error", "reason": _reason(e)}
     case = None
     try:
         torch.manual_seed(0)
@@ -127,8 +130,27 @@ def _compare(row: dict, base: dict | None) -> None:
     row["memory_vs_torch"] = row["memory"]["peak_bytes"] / base["memory"]["peak_bytes"]
 
 
-def run(cfg: Config, argv: list[str] | None = None, progress: bool | None = None) -> dict:
-    """Run the benchmark described by ``cfg``; returns the results document (see ``report``)."""
+def _compare_all(rows: list[dict]) -> None:
+    """``speedup_vs``: each measured row's fwd+bwd speed against every other provider measured on the
+    same op and size in this run (other's median / this one's; above 1 is faster)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        mine = r["time_ms"]["fwd+bwd"]["median"]
+        r["speedup_vs"] = {o["provider"]: o["time_ms"]["fwd+bwd"]["median"] / mine for o in ok if o is not r}
+
+
+def run(
+    cfg: Config,
+    argv: list[str] | None = None,
+    progress: bool | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run the benchmark described by ``cfg``; returns the results document (see ``report``).
+
+    ``checkpoint``, if given, receives the document as it stands after every measured row (and once
+    more when a size's comparisons are in), so a run cut short (a session's time limit) still leaves
+    every row measured until then.
+    """
     meta = stamp(cfg.device, argv)
     v = meta["versions"]
     print(f"triton-losses bench on {meta['device']}, {cfg.to_dict()['dtype']}")
@@ -149,6 +171,7 @@ def run(cfg: Config, argv: list[str] | None = None, progress: bool | None = None
     live = [p for p in cfg.providers if p.status == "ok"]
     bar = Progress(len(plan) * len(live), enabled=progress)
     results: list[dict] = []
+    document = lambda: _document(meta, cfg, gbps, copy_stats, copy_method, results)
     try:
         current = None
         for op, size in plan:
@@ -159,23 +182,36 @@ def run(cfg: Config, argv: list[str] | None = None, progress: bool | None = None
                 current = op
                 bar.print(f"\n{op.name}: bytes counted {op.bytes_note}")
                 bar.print(report.console_header(info))
-            base = None
+            base, group = None, []
             for p in cfg.providers:
                 if p.status == "ok":
                     bar.step(f"{op.name} {size.label} {p.name}")
                 row = measure(op, size, p, cfg, gbps)
                 base = row if p.name == "torch" else base
                 _compare(row, base)
+                group.append(row)
                 results.append(row)
                 if p.status == "ok":
                     bar.advance()
                     if row["status"] in ("ok", "error"):
                         bar.print(report.console_row(row, info))
+                    if checkpoint is not None:
+                        checkpoint(document())
+            _compare_all(group)
+            if line := report.ours_against(group):
+                bar.print(line)
+                if checkpoint is not None:
+                    checkpoint(document())
         if current is not None:
             _print_absent(bar, current, cfg, results)
     finally:
         bar.close()
     meta["load_average_end"] = load_average()
+    return document()
+
+
+def _document(meta: dict, cfg: Config, gbps: float, copy_stats, copy_method: str, results: list[dict]) -> dict:
+    """The results document (``report``'s schema) of the rows measured so far."""
     return {
         "schema": 1,
         "meta": meta,

@@ -3,7 +3,9 @@
 * CUDA: ``triton.testing.do_bench`` (L2 flushed before each run, gradients reset, per-run CUDA
   events) for the forward and the forward+backward. The backward alone cannot be timed by
   ``do_bench`` (each run needs a fresh forward), so :func:`_cuda_backward` follows do_bench's
-  method with the forward run untimed before each timed backward.
+  method with the forward run untimed before each timed backward. Every CUDA timing takes at
+  least ``min_reps`` runs (``rep`` is raised for long calls, such as a linear cross-entropy step of
+  40 ms, where do_bench's default ``rep`` would take two).
 * CPU: wall clock (``time.perf_counter``). Each iteration runs the forward and then the backward
   and records three samples: the forward, the backward and their sum, after one untimed warm-up
   iteration; iterations repeat until ``rep_ms`` has passed and at least ``min_reps`` were taken.
@@ -85,7 +87,7 @@ def time_modes(
 ) -> dict[str, Stats]:
     """Forward, backward and forward+backward timings of ``fn`` on ``case`` (warm: call :func:`first_call`)."""
     if device.type == "cuda":
-        return _cuda_modes(fn, case, warmup_ms, rep_ms)
+        return _cuda_modes(fn, case, warmup_ms, rep_ms, min_reps)
     return _cpu_modes(fn, case, rep_ms, min_reps)
 
 
@@ -106,27 +108,61 @@ def _cpu_modes(fn: Callable, case: Case, rep_ms: float, min_reps: int) -> dict[s
     return {k: Stats.of(v) for k, v in samples.items()}
 
 
-def _do_bench(fn: Callable, warmup_ms: float, rep_ms: float, grad_to_none: list[torch.Tensor]) -> Stats:
+_RETURNS_ALL: bool | None = None  # whether this triton's do_bench takes return_mode="all" (probed once)
+
+
+def _do_bench_returns_all() -> bool:
+    """Probe ``do_bench(..., return_mode="all")`` once on a no-op (older tritons reject the mode)."""
+    global _RETURNS_ALL
+    if _RETURNS_ALL is None:
+        from triton.testing import do_bench
+
+        try:
+            do_bench(lambda: None, warmup=1, rep=1, return_mode="all")
+            _RETURNS_ALL = True
+        except (AssertionError, TypeError, ValueError):
+            _RETURNS_ALL = False
+    return _RETURNS_ALL
+
+
+def _rep_for(fn: Callable, rep_ms: float, min_reps: int) -> float:
+    """``do_bench``'s ``rep`` (ms) that gives at least ``min_reps`` timed runs of ``fn``.
+
+    do_bench times ``rep / estimate`` runs (its estimate includes the L2 flush, about 0.1 ms), so a
+    call of 40 ms under ``rep=100`` gets 2 samples; here two synchronised wall-clock runs estimate the
+    call (an upper bound of its GPU time) and ``rep`` grows to cover ``min_reps`` runs with a margin.
+    """
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    est_ms = (time.perf_counter() - t0) * 1e3 / 2
+    return max(rep_ms, 1.25 * min_reps * (est_ms + 0.2))
+
+
+def _do_bench(
+    fn: Callable, warmup_ms: float, rep_ms: float, grad_to_none: list[torch.Tensor], min_reps: int = 1
+) -> Stats:
     from triton.testing import do_bench
 
-    try:
-        times = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="all")
-    except (AssertionError, TypeError):  # a triton whose do_bench has no return_mode="all"
-        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8, 0, 1])
-        return Stats(q[0], q[1], q[2], q[3], q[4], -1)
-    return Stats.of(list(times))
+    rep = _rep_for(fn, rep_ms, min_reps) if min_reps > 1 else rep_ms
+    if _do_bench_returns_all():
+        return Stats.of(list(do_bench(fn, warmup=warmup_ms, rep=rep, grad_to_none=grad_to_none, return_mode="all")))
+    q = do_bench(fn, warmup=warmup_ms, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8, 0, 1])
+    return Stats(q[0], q[1], q[2], q[3], q[4], -1)
 
 
-def _cuda_modes(fn: Callable, case: Case, warmup_ms: float, rep_ms: float) -> dict[str, Stats]:
+def _cuda_modes(fn: Callable, case: Case, warmup_ms: float, rep_ms: float, min_reps: int) -> dict[str, Stats]:
     grads = case.grad_inputs
     return {
-        "fwd": _do_bench(lambda: forward(fn, case), warmup_ms, rep_ms, grads),
-        "bwd": _cuda_backward(fn, case, warmup_ms, rep_ms),
-        "fwd+bwd": _do_bench(lambda: fwd_bwd(fn, case), warmup_ms, rep_ms, grads),
+        "fwd": _do_bench(lambda: forward(fn, case), warmup_ms, rep_ms, grads, min_reps),
+        "bwd": _cuda_backward(fn, case, warmup_ms, rep_ms, min_reps),
+        "fwd+bwd": _do_bench(lambda: fwd_bwd(fn, case), warmup_ms, rep_ms, grads, min_reps),
     }
 
 
-def _cuda_backward(fn: Callable, case: Case, warmup_ms: float, rep_ms: float) -> Stats:
+def _cuda_backward(fn: Callable, case: Case, warmup_ms: float, rep_ms: float, min_reps: int = 5) -> Stats:
     """do_bench's method for the backward alone: per run, an untimed forward and L2 flush, then timed events."""
     cache = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
 
@@ -154,7 +190,7 @@ def _cuda_backward(fn: Callable, case: Case, warmup_ms: float, rep_ms: float) ->
     n_warmup = max(1, int(warmup_ms / max(est_iter, 1e-3)))
     wanted = int(rep_ms / max(est_bwd, 1e-3))  # do_bench's count for this backward
     affordable = int(10 * rep_ms / max(est_iter, 1e-3))  # each sample also costs a forward
-    n_repeat = max(5, min(wanted, affordable, _MAX_CUDA_BWD_REPS))
+    n_repeat = max(5, min_reps, min(wanted, affordable, _MAX_CUDA_BWD_REPS))
     timed(n_warmup)
     return Stats.of(timed(n_repeat))
 
@@ -168,7 +204,10 @@ def copy_bandwidth(device: torch.device, nbytes: int, *, rep_ms: float, min_reps
     dst = torch.zeros_like(src)
     copy = lambda: dst.copy_(src)
     if device.type == "cuda":
-        st = _do_bench(copy, 25, rep_ms, [])
+        # 500 ms of warm-up (about a thousand copies of 1 GiB): the first work of a process on a GPU
+        # that was idle must not be timed at idle clocks, which would understate the bandwidth and
+        # overstate every "% of copy" measured against it.
+        st = _do_bench(copy, 500, rep_ms, [], min_reps)
     else:
         copy()
         samples = []
