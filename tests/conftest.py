@@ -79,12 +79,18 @@ _interpreter_asserts()
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    # On a GPU machine the interpreter is off: kernel tests that build CPU tensors (not through the
+    # ``device`` fixture) run on CPU machines only; those on ``device`` run the real kernels.
+    cpu_only = pytest.mark.skip(reason="runs the kernels on CPU tensors: under TRITON_INTERPRET on a CPU machine")
     broken = _interpreter_problem() if any("interpreter" in item.keywords for item in items) else None
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
         if broken and "interpreter" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=broken))
+        uses_device = "device" in getattr(item, "fixturenames", ())
+        if torch.cuda.is_available() and "interpreter" in item.keywords and not uses_device:
+            item.add_marker(cpu_only)
 
 
 @pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.interpreter)])

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,13 +65,33 @@ def torch_error(fn_torch, *args, **kwargs) -> BaseException:
     return e_torch.value
 
 
-def same_error(fn_torch, fn_ours, *args, **kwargs):
-    """``fn_ours`` raises the exception type and message torch raises (torch's computed on the CPU).
+# torch's CPU messages for errors that need the data (a target's range, a probability in [0, 1]): on
+# CUDA torch's kernels report these with a device-side assert, so the CPU's error is the expected one.
+_DATA_CHECK = re.compile(r"out of (bounds|range)|between 0 and 1|negative entr")
 
-    Safe on a GPU: torch never sees CUDA tensors here (see :func:`torch_error`); ours runs on the
-    arguments as given.
+
+def _on_cuda(*values) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.is_cuda for v in values)
+
+
+def same_error(fn_torch, fn_ours, *args, **kwargs):
+    """``fn_ours`` raises the exception type and message torch raises.
+
+    Errors that need the data (target ranges, probabilities in [0, 1]) are computed by torch on CPU
+    copies (see :func:`torch_error`): on a GPU, torch's CUDA kernels report those with a device-side
+    assert. Other errors (dtype, shape, arguments) are torch's on the arguments' own device, whose
+    messages can differ from the CPU's (a CUDA kernel's name); torch reads no data for them. If torch
+    accepts the call on that device, so must ours.
     """
     expected = torch_error(fn_torch, *args, **kwargs)
+    if _on_cuda(*args, *kwargs.values()) and not _DATA_CHECK.search(str(expected)):
+        try:
+            fn_torch(*args, **kwargs)
+        except Exception as e:
+            expected = e
+        else:
+            fn_ours(*args, **kwargs)
+            return None
     with pytest.raises(Exception) as e_ours:
         fn_ours(*args, **kwargs)
     assert type(e_ours.value) is type(expected), (e_ours.value, expected)
@@ -92,8 +113,10 @@ def run_isolated(code: str, timeout: float = 300.0, env: dict | None = None, cwd
         code: the program.
         timeout: seconds before it is killed (``subprocess.TimeoutExpired``).
         env: variables set on top of this process's environment.
-        cwd: its working directory (default: this one's).
+        cwd: its working directory (default: the repository's root, which is also put on ``PYTHONPATH``).
     """
+    root = str(Path(__file__).resolve().parents[1])  # the package imports from the checkout, installed or not
     full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, full_env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=cwd)  # fmt: skip
+                          cwd=cwd or root)  # fmt: skip

@@ -269,6 +269,7 @@ def test_modules_match_torch():
         tl_.nn.TripletMarginLoss(margin=0)
 
 
+@pytest.mark.interpreter  # the kernels on CPU tensors
 def test_custom_ops_opcheck():
     a, b, c = (torch.randn(3, 5) for _ in range(3))
     y, g, coef = torch.tensor([1, -1, 0]), torch.randn(3), torch.ones(1)

@@ -57,6 +57,16 @@ CE_CASES = {
 }  # fmt: skip
 
 
+# Zero classes with index targets: torch's CUDA kernels answer with a device-side assert (torch's CPU:
+# "Target 0 is out of bounds."), and triton_losses hands such calls to torch; in-process, only on the CPU.
+TORCH_ASSERTS_ON_CUDA = {"zero-classes", "zero-classes-kdim", "zero-classes-4d"}
+
+
+def _skip_torch_device_asserts(device, case):
+    if device == "cuda" and case in TORCH_ASSERTS_ON_CUDA:
+        pytest.skip("torch's CUDA kernel reports this with a device-side assert")
+
+
 @pytest.fixture(autouse=True)
 def _eager_target_checks(monkeypatch):
     """On CUDA the target-range check is an opt-in (the kernels assert on the device otherwise)."""
@@ -65,6 +75,7 @@ def _eager_target_checks(monkeypatch):
 
 @pytest.mark.parametrize("case", CE_CASES)
 def test_cross_entropy_errors_match_torch(backend, device, case):
+    _skip_torch_device_asserts(device, case)
     args, kw = CE_CASES[case](device)
     same_error(F.cross_entropy, tl_.cross_entropy, *args, **kw)
 
@@ -87,6 +98,7 @@ NLL_CASES["empty-weight-dtype"] = lambda d: (
 
 @pytest.mark.parametrize("case", NLL_CASES)
 def test_nll_loss_errors_match_torch(backend, device, case):
+    _skip_torch_device_asserts(device, case)
     args, kw = NLL_CASES[case](device)
     same_error(F.nll_loss, tl_.nll_loss, *args, **kw)
 

@@ -43,7 +43,10 @@ def test_lm_vocab_bf16_within_budget(V, kw):
     lowp = F.cross_entropy(xl, t, **kw)
     (gl,) = torch.autograd.grad(lowp, xl)
     budget_close(ours, ref, lowp)
-    budget_close(g, gr, gl)
+    # 'mean' divides each row's gradient by the live rows: compared at one row's scale (entries up to 1),
+    # where the budget's floor (eps * (1 + |ref|)) does not swallow them
+    live = int((t != kw.get("ignore_index", -100)).sum())
+    budget_close(g * live, gr * live, gl * live)
 
 
 def test_more_than_2_pow_31_elements():
@@ -117,17 +120,18 @@ def test_torch_compile_fullgraph_inductor(dtype):
     ref = f(xr, t)
     (gr,) = torch.autograd.grad(ref, xr)
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(g.float(), gr.float(), rtol=2e-2, atol=1e-5)
+    torch.testing.assert_close(g.float(), gr.float(), rtol=2e-2, atol=1e-7)
 
 
 def test_cuda_graph_capture_and_replay():
     x = torch.randn(64, 4096, device=DEV)
     t = torch.randint(0, 4096, (64,), device=DEV)
-    tl_.cross_entropy(x, t)  # warm up (JIT compile) outside the capture
+    # warm up with the very call the graph captures: its kernels are compiled then (not while capturing)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        tl_.cross_entropy(x, t)
+        for _ in range(2):
+            tl_.cross_entropy(x, t, reduction="sum")
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -866,7 +866,8 @@ def test_custom_ops_pass_opcheck(backend, device):
         torch.library.opcheck(ops.linear_ce_fwd, fwd)
         stats = ops.linear_ce_fwd(*fwd)[2]
         gout = torch.rand(9, device=device)
-        torch.library.opcheck(ops.linear_ce_bwd, (x, w, b, t[:, None], cw, *opts, torch.ones(1), need, stats, gout))
+        one = torch.ones(1, device=device)
+        torch.library.opcheck(ops.linear_ce_bwd, (x, w, b, t[:, None], cw, *opts, one, need, stats, gout))
     p = torch.rand(9, 23, 1, device=device).softmax(1)
     popts = (-100, 0.0, 0.0, 0.0, True, 23, 5, torch.float32)
     torch.library.opcheck(ops.linear_ce_fwd, (x, w, None, p, None, *popts, coef, [True, True, False], False))

@@ -214,12 +214,14 @@ def test_module_k_dimensional_out_features_is_a_drop_in(backend, device, reducti
     for k, v in theirs.state_dict().items():
         assert torch.equal(ours.state_dict()[k], v), k
     x = _f64(6, 5, device=device)
-    for t in (torch.randint(0, 4, (6, 3, 2), device=device), torch.rand(6, 4, 3, 2, dtype=torch.float64).softmax(1)):
+    probs = torch.rand(6, 4, 3, 2, dtype=torch.float64, device=device).softmax(1)
+    for t in (torch.randint(0, 4, (6, 3, 2), device=device), probs):
         params = (x, ours.linear.weight, ours.linear.bias)
         ref_params = (x, theirs.linear.weight, theirs.linear.bias)
         a, r = ours(x, t), theirs(x, t)
         torch.testing.assert_close(a, r, rtol=1e-7, atol=1e-9)
-        up = torch.randn(r.shape, dtype=r.dtype, device=device) if reduction == "none" else torch.tensor(0.7)
+        up = torch.randn(r.shape, dtype=r.dtype, device=device) if reduction == "none" else None
+        up = torch.tensor(0.7, device=device) if up is None else up
         for g, gr in zip(torch.autograd.grad(a, params, up), torch.autograd.grad(r, ref_params, up)):
             torch.testing.assert_close(g, gr, rtol=1e-7, atol=1e-9)
 

@@ -97,7 +97,8 @@ def test_gaussian_nll_matches_fp64(backend, device, shapes, reduction, full):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gaussian_nll_number_var_and_low_precision(backend, device, reduction, dtype):
-    tensors = {"input": _rand((6, 7), device), "target": _rand((6, 7), device), "var": torch.rand(6, 7) + 0.1}
+    var = torch.rand(6, 7, device=device) + 0.1
+    tensors = {"input": _rand((6, 7), device), "target": _rand((6, 7), device), "var": var}
     check_against_fp64(
         lambda **t: tl_.gaussian_nll_loss(**t, reduction=reduction),
         lambda **t: F.gaussian_nll_loss(**t, reduction=reduction),
@@ -117,7 +118,8 @@ def test_gaussian_nll_number_var_and_low_precision(backend, device, reduction, d
 @pytest.mark.parametrize("name", ["l1_loss", "mse_loss", "huber_loss"])
 def test_weight_and_its_normalisation(backend, device, name, reduction, weight_grad):
     """l1 / mse 'mean' divide by sum(weight), huber's by the element count; the weight gets torch's gradient."""
-    tensors = {"input": _rand((4, 6), device), "target": _rand((3, 4, 6), device), "weight": torch.rand(4, 6) + 0.1}
+    weight = torch.rand(4, 6, device=device) + 0.1
+    tensors = {"input": _rand((4, 6), device), "target": _rand((3, 4, 6), device), "weight": weight}
     grads = ("input", "target", "weight") if weight_grad else ("input", "target")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -223,7 +225,7 @@ def test_empty_inputs(backend, device):
             assert ours.shape == ref.shape and torch.equal(ours.isnan(), ref.isnan())
             if reduction == "sum":
                 assert ours.item() == 0.0
-    out = tl_.gaussian_nll_loss(x, x.detach(), torch.ones(0, 3))
+    out = tl_.gaussian_nll_loss(x, x.detach(), torch.ones(0, 3, device=x.device))
     assert out.isnan() and torch.autograd.grad(out, x)[0].shape == (0, 3)
 
 
