@@ -533,6 +533,41 @@ def test_cpu_autocast_returns_fp32_like_torch(backend, device):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("op", ["cross_entropy", "nll_loss"])
+def test_autocast_reads_16bit_logits_without_an_fp32_copy(device, monkeypatch, op, reduction):
+    """Under autocast torch copies 16-bit logits to fp32; the kernels read them as they are (computing in
+    fp32 either way): torch's fp32 loss and 16-bit gradient, and no fp32 copy of the logits."""
+    from tests.op_counts import count_ops
+    from triton_losses.kernels import cross_entropy as k
+
+    monkeypatch.setenv("TRITON_LOSSES_BACKEND", "triton")
+    kind = "cuda" if device == "cuda" else "cpu"
+    x = (torch.randn(6, 300, device=device) * 2).bfloat16().requires_grad_()
+    t = torch.randint(0, 300, (6,), device=device)
+    t[2] = -100
+    up = torch.rand(6, device=device) if reduction == "none" else torch.ones((), device=device)
+    fn = getattr(tl_, op)
+    launchers = [(k, name) for name in ("ce_norm", "ce_fwd", "ce_bwd", "ce_finish", "scale_")]
+    out = []
+    with torch.autocast(kind, dtype=torch.bfloat16):
+        ops, _ = count_ops(lambda: out.append(fn(x, t, reduction=reduction)), launchers, monkeypatch)
+        ref = getattr(F, op)(x, t, reduction=reduction)
+    assert "aten._to_copy.default" not in ops, ops  # torch's autocast would copy x to fp32 here
+    (ours,) = out
+    (g,) = torch.autograd.grad(ours, x, up)
+    (gr,) = torch.autograd.grad(ref, x, up)
+    assert ours.dtype == ref.dtype == torch.float32 and g.dtype == gr.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g, gr)  # bf16's tolerance: one rounding of the same fp32 gradient
+    w = torch.rand(300, device=device).bfloat16()
+    with torch.autocast(kind, dtype=torch.bfloat16):  # with class weights: torch's cast, as before
+        ours, ref = fn(x, t, weight=w, reduction=reduction), getattr(F, op)(x, t, weight=w, reduction=reduction)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.interpreter
 def test_custom_ops_pass_opcheck(device):
     pytest.importorskip("triton")
     from triton_losses.kernels import cross_entropy as k

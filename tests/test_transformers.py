@@ -227,6 +227,31 @@ def test_for_causal_lm_loss_drop_in():
     _assert_same_step(ref, ours, ids, labels, num_items_in_batch=torch.tensor(40))
 
 
+@pytest.mark.interpreter
+def test_for_causal_lm_loss_reads_16bit_logits_without_an_fp32_copy(monkeypatch):
+    """transformers upcasts the logits (an fp32 copy, and an fp32 gradient cast back); on the kernels the
+    drop-in reads the bf16 logits: the same fp32 loss and bf16 gradient, and no copy of the logits."""
+    from tests.op_counts import count_ops
+    from triton_losses.kernels import cross_entropy as k
+
+    monkeypatch.setenv("TRITON_LOSSES_BACKEND", "triton")
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = (torch.randn(2, 5, 300) * 2).bfloat16().requires_grad_()
+    labels = torch.randint(0, 300, (2, 5))
+    labels[0, 1] = -100
+    launchers = [(k, name) for name in ("ce_norm", "ce_fwd", "ce_bwd", "ce_finish", "scale_")]
+    out = []
+    ops, _ = count_ops(lambda: out.append(tlt.ForCausalLMLoss(logits, labels, 300)), launchers, monkeypatch)
+    assert not [op for op in ops if op == "aten._to_copy.default"], ops
+    ref = ForCausalLMLoss(logits, labels, 300)
+    (g,) = torch.autograd.grad(out[0], logits)
+    (gr,) = torch.autograd.grad(ref, logits)
+    assert out[0].dtype == ref.dtype == torch.float32 and g.dtype == torch.bfloat16
+    torch.testing.assert_close(out[0], ref)
+    torch.testing.assert_close(g, gr)
+
+
 def _dataset(n: int = 8):
     rows = []
     for i in range(n):

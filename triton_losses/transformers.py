@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .cross_entropy import cross_entropy
+from .cross_entropy import cross_entropy_fp32
 from .linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["ForCausalLMLoss", "is_patched", "patch", "unpatch"]
@@ -308,7 +308,8 @@ def ForCausalLMLoss(  # transformers' name: it drops into LOSS_MAPPING / model.l
 ) -> torch.Tensor:
     """transformers' ``ForCausalLMLoss`` (same signature and normalisation) on :func:`triton_losses.cross_entropy`.
 
-    As transformers does, the logits are upcast to fp32 and the labels shifted (``shift_labels``
+    As transformers does, the loss is that of the logits upcast to fp32 (on the kernels without an fp32
+    copy: :func:`triton_losses.cross_entropy.cross_entropy_fp32`) and the labels shifted (``shift_labels``
     given: used as they are); ``num_items_in_batch`` given: the summed loss divided by it, else the
     mean over non-ignored tokens. The cross-entropy is the fused one: no log-softmax of the logits'
     size is kept for the backward. Other keyword arguments are accepted and ignored, as transformers does.
@@ -324,14 +325,14 @@ def ForCausalLMLoss(  # transformers' name: it drops into LOSS_MAPPING / model.l
     Returns:
         The 0-d fp32 loss.
     """
-    logits = logits.float()
     if shift_labels is None:
         labels = F.pad(labels, (0, 1), value=ignore_index)
         shift_labels = labels[..., 1:].contiguous()
-    logits = logits.view(-1, vocab_size)
+    logits = logits.reshape(-1, vocab_size)
     shift_labels = shift_labels.view(-1).to(logits.device)
     reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
+    # transformers' logits.float(), without the fp32 copy on the kernels (cross_entropy_fp32)
+    loss = cross_entropy_fp32(logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
     if reduction == "sum":
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
