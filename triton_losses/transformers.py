@@ -309,7 +309,7 @@ def ForCausalLMLoss(  # transformers' name: it drops into LOSS_MAPPING / model.l
     """transformers' ``ForCausalLMLoss`` (same signature and normalisation) on :func:`triton_losses.cross_entropy`.
 
     As transformers does, the loss is that of the logits upcast to fp32 (on the kernels without an fp32
-    copy: :func:`triton_losses.cross_entropy.cross_entropy_fp32`) and the labels shifted (``shift_labels``
+    copy: ``cross_entropy_fp32`` of ``triton_losses/cross_entropy.py``) and the labels shifted (``shift_labels``
     given: used as they are); ``num_items_in_batch`` given: the summed loss divided by it, else the
     mean over non-ignored tokens. The cross-entropy is the fused one: no log-softmax of the logits'
     size is kept for the backward. Other keyword arguments are accepted and ignored, as transformers does.
