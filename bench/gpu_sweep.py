@@ -25,7 +25,9 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -81,6 +83,10 @@ def facts(device: torch.device, copy_mib: int, linear: tuple[int, int, int] = LI
                    memory_gib=p.total_memory / 2**30, capability=f"{p.major}.{p.minor}")  # fmt: skip
     else:
         out.update(name="cpu", sms=os.cpu_count(), l2_mib=None, memory_gib=None, capability=None)
+    # triton builds its launcher stubs with a host C compiler and Python's headers on a process's first launch
+    cc = next((shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+    headers = Path(sysconfig.get_paths()["include"], "Python.h").exists()
+    out.update(c_compiler=cc, python_headers=headers)
     gbps, ms = copy_gbps(device, copy_mib)
     out.update(copy_gbps=gbps, copy_ms=ms, copy_mib=copy_mib)
     out["gemms"] = gemms(device, *linear)
