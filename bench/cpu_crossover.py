@@ -1,7 +1,8 @@
 """Where the CPU fallback overtakes torch: the sizes behind ``_dispatch.TORCH_FASTER_BELOW``.
 
-For each op of the table (the regression, margin and embedding losses), forward + backward with
-'mean' at E = 2**10 ... 2**24 elements (``(E / W, W)`` inputs, the bench's own input builders,
+For each op of the table (the regression, margin and embedding losses, the softmaxes), forward +
+backward with 'mean' (a random upstream gradient for the softmaxes' tensor outputs) at
+E = 2**10 ... 2**24 elements (``(E / W, W)`` inputs, the bench's own input builders,
 fp32, one thread), the PyTorch reference (``TORCH_FASTER_BELOW`` emptied, so it serves every size)
 against torch's own function. Wall-clock medians; the two alternate call by call, so a busy spell
 on a shared machine slows both. An op's crossover is the smallest measured size from which the
@@ -13,7 +14,9 @@ W = 256 wide; the row losses (whose speed depends on the row length) are also me
 (the bench's LM-like rows; ``(1, E)`` below that) and take the larger crossover of the two widths.
 
 Writes ``bench/results/cpu-crossover.json`` and ``.md`` (CPU, versions, date, commit) and prints the
-table to paste into ``triton_losses/_dispatch.py``. Run: ``python bench/cpu_crossover.py``.
+table to paste into ``triton_losses/_dispatch.py``. Run: ``python bench/cpu_crossover.py``;
+``--ops A B --merge`` measures those ops only and adds (or replaces) their rows in the existing files,
+under a line saying when and where they were measured.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from triton_losses.bench.registry import Size, get_ops
 OPS = (
     "l1_loss", "mse_loss", "smooth_l1_loss", "huber_loss", "poisson_nll_loss", "gaussian_nll_loss",
     "hinge_embedding_loss", "margin_ranking_loss", "multilabel_soft_margin_loss", "multi_margin_loss",
-    "multilabel_margin_loss", "cosine_embedding_loss", "triplet_margin_loss",
+    "multilabel_margin_loss", "cosine_embedding_loss", "triplet_margin_loss", "log_softmax", "softmax",
 )  # fmt: skip
 # triplet_margin_with_distance_loss (distance_function=None) is triplet_margin_loss's path; it shares its entry.
 ALIASES = {"triplet_margin_with_distance_loss": "triplet_margin_loss"}
@@ -50,7 +53,7 @@ def _step(fn, case) -> float:
     case.clear_grads()
     t0 = time.perf_counter()
     out = fn(*case.args)
-    out.backward()
+    out.backward(case.grad_out)
     return time.perf_counter() - t0
 
 
@@ -84,6 +87,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=0.4, help="seconds per op and size (at least 5 calls each)")
     ap.add_argument("--repeats", type=int, default=3, help="whole sweeps; each op takes its largest crossover")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu-crossover"))
+    ap.add_argument("--merge", action="store_true", help="add these ops' rows to the existing files")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -116,11 +120,22 @@ def main() -> None:
         "mode": "forward + backward, reduction='mean'",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    added = None
+    if args.merge:
+        old = json.loads(Path(args.out + ".json").read_text())
+        added = {**meta, "ops": list(args.ops)}
+        results = {**{k: v for k, v in old["results"].items() if k.split(" W=")[0] not in args.ops}, **results}
+        table = {**old["table"], **table}
+        meta = {**old["meta"], "added": [*old["meta"].get("added", []), added]}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=1))
     lines = [
         "# CPU fallback against torch: forward + backward, 'mean', fp32, one thread",
         "",
-        " | ".join(f"{k}: {v}" for k, v in meta.items()),
+        " | ".join(f"{k}: {v}" for k, v in meta.items() if k != "added"),
+        *[
+            f"\nadded ({', '.join(a['ops'])}): " + " | ".join(f"{k}: {v}" for k, v in a.items() if k != "ops")
+            for a in meta.get("added", [])
+        ],
         "",
         "Speed-up of the PyTorch reference over torch's own function (> 1: the reference is faster), "
         f"by element count E, one cell per run ({args.repeats} runs, '/'-separated); the last column is the "

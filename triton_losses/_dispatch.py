@@ -108,6 +108,8 @@ TORCH_FASTER_BELOW: dict[str, int] = {
     "cosine_embedding_loss": 2**20,
     "triplet_margin_loss": 2**22,
     "triplet_margin_with_distance_loss": 2**22,
+    "log_softmax": 2**62,
+    "softmax": 2**62,
 }
 
 
