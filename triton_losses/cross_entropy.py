@@ -161,23 +161,19 @@ def _ce_unsupported(input, target, weight, ignore_index, label_smoothing, nll: b
     return tuple(target.shape) != (input.shape[0], *input.shape[2:])
 
 
-def _autocast_reads_16bit(op: str, input, target, weight) -> bool:
-    """Whether a 16-bit ``input`` inside an autocast region is read as it is instead of copied to fp32.
+def _reads_16bit(op: str, input, target, weight, upcast: bool = False) -> bool:
+    """Whether 16-bit logits are read as they are where torch would copy them to fp32 first.
 
-    torch's autocast puts the cross-entropy family on its fp32 list: the logits are copied to fp32 (at
-    N = 8192, V = 128256 a 4.2 GB copy of 2.1 GB of bf16 logits) and the loss is fp32. The kernels
-    compute in fp32 whatever they read, so on them the 16-bit logits give the same fp32 loss, and the
-    gradient the cast's backward would round to 16 bits is rounded once, the same way, when stored:
-    the same values without the copy. Index targets, no class weights (whose fp32 cast would meet
-    16-bit logits), kernels serving the call; anything else takes torch's cast.
+    Inside an autocast region (or with ``upcast``: the caller asked for the loss of ``input.float()``)
+    torch computes on an fp32 copy of the logits (at N = 8192, V = 128256 a 4.2 GB copy of 2.1 GB of
+    bf16 logits) and returns an fp32 loss. The kernels compute in fp32 whatever they read, so on them
+    the 16-bit logits give the same fp32 loss, and the gradient the cast's backward would round to 16
+    bits is rounded once, the same way, when stored: the same values without the copy. Index
+    targets, no class weights (whose fp32 cast would meet 16-bit logits), kernels serving the call;
+    anything else takes torch's cast.
     """
-    if not torch.is_autocast_enabled(input.device.type) or weight is not None:
+    if not (upcast or torch.is_autocast_enabled(input.device.type)) or weight is not None:
         return False
-    return _autocast_reads_16bit_or_plain(op, input, target)
-
-
-def _autocast_reads_16bit_or_plain(op: str, input, target) -> bool:
-    """16-bit ``input``, index ``target``, and the kernels serve the call."""
     if input.dtype not in (torch.float16, torch.bfloat16) or target.dtype.is_floating_point:
         return False
     try:
@@ -276,13 +272,13 @@ def cross_entropy(
     if not (math.isfinite(float(z_loss)) and z_loss >= 0):
         raise ValueError(f"z_loss must be finite and non-negative, got {z_loss!r}")
     loss_dtype = None
+    sharded = process_group is not None or parallel.is_class_sharded(input)
     if isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor):
-        sharded = process_group is not None or parallel.is_class_sharded(input)
-        if not sharded and _autocast_reads_16bit("cross_entropy", input, target, weight):
+        if not sharded and _reads_16bit("cross_entropy", input, target, weight):
             loss_dtype = torch.float32  # torch's autocast result, without its fp32 copy of the logits
         else:
             input, target, weight = autocast_fp32(input, target, weight)  # on torch's fp32 list on every device
-    if process_group is not None or parallel.is_class_sharded(input):
+    if sharded:
         return parallel.cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=softcap,
             inplace_backward=inplace_backward, process_group=process_group,
@@ -311,7 +307,7 @@ def cross_entropy_fp32(input: torch.Tensor, target: torch.Tensor, ignore_index: 
     where ``.float()``'s backward would round it) are the same, without an fp32 copy of the logits
     and its fp32 gradient (at N = 8192, V = 128256 bf16: 8.4 GB). Anything else is upcast first.
     """
-    if not parallel.is_class_sharded(input) and _autocast_reads_16bit_or_plain("cross_entropy", input, target):
+    if not parallel.is_class_sharded(input) and _reads_16bit("cross_entropy", input, target, None, upcast=True):
         C = input.shape[1] if input.dim() >= 2 else input.shape[0]
         if not _ce_unsupported(input, target, None, ignore_index, 0.0, nll=False) and C > 0:
             opts = CEOptions(ignore_index=ignore_index)
@@ -348,7 +344,7 @@ def nll_loss(
     reduction = reduction_string(size_average, reduce, reduction)
     loss_dtype = None
     if isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor):
-        if _autocast_reads_16bit("nll_loss", input, target, weight):
+        if _reads_16bit("nll_loss", input, target, weight):
             loss_dtype = torch.float32  # torch's autocast result, without its fp32 copy of the input
         else:
             input, target, weight = autocast_fp32(input, target, weight)  # on torch's fp32 list on every device

@@ -13,8 +13,6 @@ from triton_losses.kernels._common import launch_config, row_align
 from ._case import ASSERT_OPTIONS, DTYPES, FLOAT_NAMES, KDIM_B, ODD_VOCAB, ROWS, VOCAB, case, reachable, strides
 
 FLAGS = ("HAS_WEIGHT", "PROB_TARGET", "LOGP_INPUT", "HAS_SMOOTHING", "HAS_Z", "HAS_SOFTCAP")
-# The compile options the row launchers add on CUDA (device-side target asserts kept).
-ROW_OPTIONS = ASSERT_OPTIONS
 
 
 def _ptrs(x: str, target: str) -> dict[str, str]:
@@ -44,7 +42,7 @@ def _row_cases(x: str, C: int, B: int, config: tuple, flags: dict, launch: str, 
     tile = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl.float64 if x == "fp64" else tl.float32,
                 ALIGN=row_align(rows, block_r, rows))  # fmt: skip
     common = dict(ptrs=_ptrs(x, x if prob else "i64"), scalars=_scalars(C, B, prob), num_warps=warps,
-                  options=ROW_OPTIONS, launch=launch)  # fmt: skip
+                  options=ASSERT_OPTIONS, launch=launch)  # fmt: skip
     fwds = ((True, True), (False, True), (True, False)) if every_fwd else ((True, True),)
     for write, coef in fwds if not logp else ((False, True),):
         io = (("load", "store") if write else ("load",)) if vector_io and not logp else ()
@@ -92,7 +90,7 @@ def _parallel_cases(x: str):
         yield case(k._ce_bwd_kernel, constexprs=dict(flags, WRITE_TGRAD=True, HAS_COEF=True, GIVEN_S1=True,
                                                      SLICE_IN_MEMORY=in_memory, **tile),
                    ptrs=_ptrs(x, x), scalars=dict(_scalars(VOCAB, 1, True), s_st=3), num_warps=warps,
-                   options=ROW_OPTIONS, launch=f"{ROWS}x{VOCAB}")  # fmt: skip
+                   options=ASSERT_OPTIONS, launch=f"{ROWS}x{VOCAB}")  # fmt: skip
 
 
 def cases():

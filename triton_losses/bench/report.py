@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .registry import Size
+
 MIB = 1024**2
 
 # (name, width); "H" only for ops with a hidden axis, "TFLOP/s" only for ops that count FLOPs.
@@ -93,14 +95,17 @@ def cells(row: dict, op_info: dict) -> list[str]:
     ]
 
 
+def _size_label(row: dict) -> str:
+    return Size(row["N"], row["V"], row.get("H")).label
+
+
 def ours_against(rows: list[dict]) -> str | None:
     """One line for a size's rows: ours' fwd+bwd speedup over each other provider measured with it."""
     ours = next((r for r in rows if r["provider"] == "ours" and r.get("speedup_vs")), None)
     if ours is None:
         return None
-    label = f"{ours['N']}x{ours['V']}" + ("" if ours.get("H") is None else f"x{ours['H']}")
     parts = ", ".join(f"{x:.2f}x {name}" for name, x in ours["speedup_vs"].items())
-    return f"  ours fwd+bwd at {label}: {parts} (their median / ours)"
+    return f"  ours fwd+bwd at {_size_label(ours)}: {parts} (their median / ours)"
 
 
 def _ours_table(rows: list[dict]) -> list[str]:
@@ -112,8 +117,7 @@ def _ours_table(rows: list[dict]) -> list[str]:
     out = ["", "ours' fwd+bwd speedup over each provider (their median / ours; above 1: ours is faster):", ""]
     out += ["| size | " + " | ".join(others) + " |", "|" + " --- |" * (len(others) + 1)]
     for r in ours:
-        label = f"{r['N']}x{r['V']}" + ("" if r.get("H") is None else f"x{r['H']}")
-        out.append(f"| {label} | " + " | ".join(_num(r["speedup_vs"].get(o), 2) for o in others) + " |")
+        out.append(f"| {_size_label(r)} | " + " | ".join(_num(r["speedup_vs"].get(o), 2) for o in others) + " |")
     return out
 
 

@@ -148,7 +148,7 @@ def run(
     """Run the benchmark described by ``cfg``; returns the results document (see ``report``).
 
     ``checkpoint``, if given, receives the document as it stands after every measured row (and once
-    more when a size's comparisons are in), so a run cut short (a session's time limit) still leaves
+    more when a size's comparisons are in), so a run cut short (a step's time limit) still leaves
     every row measured until then.
     """
     meta = stamp(cfg.device, argv)
