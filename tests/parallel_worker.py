@@ -41,6 +41,13 @@ CASES = [
     ("spatial-weight-smooth-none", dict(d=3, weight=True), dict(label_smoothing=0.1, reduction="none")),
     ("bf16-smooth-weight-mean", dict(dtype=torch.bfloat16, weight=True), dict(label_smoothing=0.1, z_loss=1e-3)),
     ("fp64-none", dict(dtype=torch.float64, ignored=True), dict(reduction="none", z_loss=1e-3)),
+    # logits 1000 + 2 randn: the ranks' weighted sums are rebased on the global max, never summed from 0
+    (
+        "offset-prob-smooth-weight-none",
+        dict(prob=True, weight=True, offset=1e3),
+        dict(label_smoothing=0.2, reduction="none"),
+    ),
+    ("offset-smooth-weight-none", dict(weight=True, offset=1e3), dict(label_smoothing=0.2, reduction="none")),
 ]
 
 
@@ -52,10 +59,10 @@ def _split(V: int, world: int) -> list[int]:
     return [*base, V - sum(base)]
 
 
-def _full(seed: int, N: int, V: int, d: int, dtype, prob: bool, weight: bool, ignored: bool):
+def _full(seed: int, N: int, V: int, d: int, dtype, prob: bool, weight: bool, ignored: bool, offset: float = 0.0):
     g = torch.Generator().manual_seed(seed)
     shape = (N, V) if not d else (N, V, d)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + offset).to(dtype)
     if prob:
         t = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64), 1).to(dtype)
     else:
@@ -118,7 +125,8 @@ def run_cases(rank: int, world: int, V: int = 13, N: int = 4) -> int:
     for i, (name, build, opts) in enumerate(CASES):
         dtype = build.get("dtype", torch.float32)
         d, prob = build.get("d", 0), build.get("prob", False)
-        x, t, w, gout = _full(100 + i, N, V, d, dtype, prob, build.get("weight", False), build.get("ignored", False))
+        x, t, w, gout = _full(100 + i, N, V, d, dtype, prob, build.get("weight", False), build.get("ignored", False),
+                              build.get("offset", 0.0))  # fmt: skip
         if opts.get("ignore_index", -100) >= 0:
             t[0] = opts["ignore_index"]
         ref64, g64 = _loss_and_grad(

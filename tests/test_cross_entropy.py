@@ -488,6 +488,38 @@ def test_fp32_accuracy_does_not_fall_with_logit_magnitude(backend, device):
         assert rel.max() < 2e-6, rel.max()
 
 
+@pytest.mark.parametrize("offset", [30.0, 1000.0])
+@pytest.mark.parametrize(
+    "targets,opts",
+    [("index", {"label_smoothing": 0.2}), ("index", {"weight": True, "label_smoothing": 0.1}),
+     ("probs", {}), ("probs", {"weight": True, "label_smoothing": 0.2})],
+    ids=lambda v: v if isinstance(v, str) else ",".join(v) or "plain",
+)  # fmt: skip
+def test_fp32_accuracy_does_not_fall_with_a_logit_offset(backend, device, targets, opts, offset):
+    """Logits ``offset + 2 randn`` (losses of a few units): the smoothing and probability-target sums
+    ``sum w x`` taken from 0 cancelled terms of size ``offset`` against ``m * S1`` (4x torch's fp32 error at
+    30, 30x at 300, forward and target gradient); taken from a logit of the row they stay within budget."""
+    C = 3000  # one row in several column blocks
+    kw = _options(opts, C, device)
+    x = torch.randn(16, C, device=device) * 2 + offset
+    if targets == "index":
+        t = torch.randint(0, C, (16,), device=device)
+    else:
+        t = torch.randn(16, C, device=device).softmax(1)
+    up = torch.randn(16, dtype=torch.float64, device=device)
+    results = []
+    for fn, dtype in ((tl_.cross_entropy, torch.float32), (F.cross_entropy, torch.float32), (ref_cross_entropy, None)):
+        xs = x.clone() if dtype else x.double()
+        ts = t if targets == "index" or dtype else t.double()
+        xs.requires_grad_()
+        wrt = (xs,) if targets == "index" else (xs, ts.requires_grad_())
+        w = {k: (v.double() if dtype is None and torch.is_tensor(v) else v) for k, v in kw.items()}
+        out = fn(xs, ts, reduction="none", **w)
+        results.append((out, *torch.autograd.grad(out, wrt, up.to(out.dtype))))
+    for ours, lowp, ref in zip(*results):
+        budget_close(ours, ref, lowp)
+
+
 @pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
 def test_zero_total_weight_mean_is_nan_like_torch(backend, device, fn):
     """Every non-ignored target has class weight 0: 'mean' is 0/0, NaN, and so are torch's gradients there."""

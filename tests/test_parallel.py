@@ -58,7 +58,7 @@ def _needs(backend: str) -> None:
 
 
 # suite -> cases each rank must report (tests/parallel_worker.py).
-EXPECTED = {"cases": 10, "comm": 1, "dtensor": 8, "linear": 5, "nosync": 1}
+EXPECTED = {"cases": 12, "comm": 1, "dtensor": 8, "linear": 5, "nosync": 1}
 
 
 def _assert_done(outs: list[str], suites: str) -> None:
@@ -134,9 +134,12 @@ def test_partial_sums_of_a_slice(backend):
     m = xs.amax(1)
     hit = (t >= lo) & (t < hi)
     x_t = torch.where(hit, xs.gather(1, (t - lo).clamp(0, hi - lo - 1)[:, None])[:, 0], 0.0)
-    want = torch.stack([m, (xs - m[:, None]).exp().sum(1), x_t, xs @ w[lo:hi].double()], 1)
+    r = m  # the weighted sums are taken from the slice's max
+    wl = w[lo:hi].double()
+    want = torch.stack([m, (xs - m[:, None]).exp().sum(1), x_t, (xs - r[:, None]) @ wl], 1)
     torch.testing.assert_close(part[:, :4].double(), want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(part[:, 4:], torch.zeros(6, 2))
+    assert torch.equal(part[:, 4:6], torch.zeros(6, 2))
+    torch.testing.assert_close(part[:, 6:].double(), torch.stack([r, wl.sum().expand(6)], 1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", _backends())

@@ -25,6 +25,7 @@ from . import _dispatch
 from ._checks import FLOAT_DTYPES, as_3d, check_target_range, eager_checks
 from ._precision import acc_dtype
 from .options import CEOptions, CESpec
+from .reference.cross_entropy import PARTIAL_COLUMNS
 
 __all__ = ["cross_entropy", "is_class_sharded", "is_row_sharded", "linear_cross_entropy", "slice_bounds"]
 
@@ -226,7 +227,7 @@ def _global_rows(part: torch.Tensor, t: torch.Tensor, spec: CESpec, group) -> tu
     """Per-row losses ``(R,)`` and global statistics ``(R, 3)`` = ``(max, sum-exp, S1)`` from the local partial sums.
 
     Args:
-        part: ``ce_partial``'s ``(R, 6)`` local sums of this rank.
+        part: ``ce_partial``'s ``(R, 8)`` local sums of this rank.
         t: global index targets ``(A, B)`` or this rank's probability targets.
         spec: the call's options, with ``weight_sum`` set when the weights and smoothing need it.
         group: the process group.
@@ -234,10 +235,13 @@ def _global_rows(part: torch.Tensor, t: torch.Tensor, spec: CESpec, group) -> tu
     eps, total = spec.smoothing, spec.num_classes if spec.bounds is None else spec.bounds[1]
     gmax = _all_reduce(part[:, 0].clone(), dist.ReduceOp.MAX, group)
     shift = gmax.masked_fill(gmax == float("-inf"), 0.0)
+    # the weighted sums of each rank are relative to its reference logit (column 6); rebased on the
+    # shift (the global max) they add up without cancelling terms of the logits' magnitude
+    back = part[:, 6] - shift
     cols = [part[:, 1] * torch.exp(part[:, 0] - shift)]
-    cols += [part[:, 4], part[:, 5]] if spec.prob_target else [part[:, 2]]
+    cols += [part[:, 4], part[:, 5] + part[:, 4] * back] if spec.prob_target else [part[:, 2]]
     if eps > 0:
-        cols.append(part[:, 3])
+        cols.append(part[:, 3] + part[:, 7] * back)
     sums = _all_reduce(torch.stack(cols, 1), dist.ReduceOp.SUM, group)
     S = sums[:, 0]
     logs = torch.log(S)
@@ -251,7 +255,7 @@ def _global_rows(part: torch.Tensor, t: torch.Tensor, spec: CESpec, group) -> tu
         if eps > 0:
             S1 = (1.0 - eps) * S1 + eps * wsum / total
             S2 = (1.0 - eps) * S2 + eps * sums[:, 3] / total
-        rows = (gmax * S1 - S2) + logs * S1
+        rows = ((gmax - shift) * S1 - S2) + logs * S1
         if spec.z_loss:
             rows = rows + spec.z_loss * lse * lse
         return rows, torch.stack([gmax, S, S1], 1)
@@ -263,7 +267,7 @@ def _global_rows(part: torch.Tensor, t: torch.Tensor, spec: CESpec, group) -> tu
         w_t = spec.weight.to(S.dtype)[torch.where(inb, tt, torch.zeros_like(tt))]
     rows = w_t * ((gmax - sums[:, 1]) + logs)
     if eps > 0:
-        rows = (1.0 - eps) * rows + eps / total * ((wsum * gmax - sums[:, 2]) + wsum * logs)
+        rows = (1.0 - eps) * rows + eps / total * ((wsum * (gmax - shift) - sums[:, 2]) + wsum * logs)
     if spec.z_loss:
         rows = rows + spec.z_loss * w_t * lse * lse
     rows = rows.masked_fill(~inb, float("nan")).masked_fill_(ignored, 0.0)
@@ -332,7 +336,7 @@ class VocabParallelLinearCE(torch.autograd.Function):
     every rank) against this rank's ``w`` ``(V_local, H)`` rows of the lm_head.
 
     The forward computes each chunk's logits, reads them once with ``ce_partial`` and keeps only
-    ``(N, 6)`` partial sums; the two all-reduces make them global. The backward recomputes the
+    ``(N, 8)`` partial sums; the two all-reduces make them global. The backward recomputes the
     chunks' logits through ``_linear_ce_chunks.run`` with the global statistics (input, weight and
     bias gradients), then one all-reduce sums the ``(N, H)`` input gradient over the ranks.
     """
@@ -343,7 +347,7 @@ class VocabParallelLinearCE(torch.autograd.Function):
 
         N, V = x.shape[0], w.shape[0]
         norm, spec = _norm(eng, x, N, 1, t, _spec(weight, opts, bounds), reduction)
-        part = torch.empty(N, 6, dtype=acc_dtype(x.dtype), device=x.device)
+        part = torch.empty(N, PARTIAL_COLUMNS, dtype=acc_dtype(x.dtype), device=x.device)
         chunk = plan[0]
         buf = torch.empty(min(chunk, N), V, dtype=x.dtype, device=x.device) if N else None
         for c0 in range(0, N, chunk):

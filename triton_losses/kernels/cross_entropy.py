@@ -36,7 +36,6 @@ from ._common import (
     masked_load,
     masked_store,
     on_device,
-    online_lse_block,
     row_align,
     row_block,
     row_offsets,
@@ -63,7 +62,7 @@ def _ce_grad_pass(
     w_ptr, s_w,  # class weights (C,), stride
     g_ptr, goff, s_gc,  # gradient rows to write
     dt_ptr, dtoff, s_dtc,  # target gradient rows to write (WRITE_TGRAD)
-    rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale,  # per-row (BLOCK_R,) values; tgt: local class index
+    rmask, tgt, m, inv_s, logs, a_rs, own_rs, rscale,  # per-row (BLOCK_R,) values; tgt: local class index
     C, c_off, NC, smoothing, softcap,  # local classes, the first one's global index, global classes
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_TGRAD: tl.constexpr,
@@ -84,26 +83,26 @@ def _ce_grad_pass(
         head, full, tail, rest = aligned_split(xoff, C, ALIGN, BLOCK_C)
         # the head: an ALIGN-wide masked tile of the columns before the first 16-byte boundary
         _ce_grad_block(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, s_w, g_ptr, goff, s_gc, dt_ptr, dtoff, s_dtc,
-                       0, head, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
+                       0, head, rmask, tgt, m, inv_s, logs, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
                        HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
                        True, ALIGN, ACC, EVICT)  # fmt: skip
         for k in range(full):  # whole aligned tiles, unmasked
             c0 = head + k * BLOCK_C
             _ce_grad_block(x_ptr, tl.multiple_of(xoff + c0, ALIGN), s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w,
                            g_ptr, tl.multiple_of(goff + c0, ALIGN), s_gc, dt_ptr, dtoff + c0 * s_dtc, s_dtc,
-                           c0, BLOCK_C, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
+                           c0, BLOCK_C, rmask, tgt, m, inv_s, logs, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
                            HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
                            False, BLOCK_C, ACC, EVICT)  # fmt: skip
         c0 = head + full * BLOCK_C  # the aligned rest, masked in whole ALIGN units (16-byte accesses still)
         _ce_grad_block(x_ptr, tl.multiple_of(xoff + c0, ALIGN), s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w,
                        g_ptr, tl.multiple_of(goff + c0, ALIGN), s_gc, dt_ptr, dtoff + c0 * s_dtc, s_dtc,
-                       c0, tail, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
+                       c0, tail, rmask, tgt, m, inv_s, logs, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
                        HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
                        True, BLOCK_C, ACC, EVICT)  # fmt: skip
         c0 = C - rest  # the last columns, fewer than ALIGN: an ALIGN-wide masked tile
         _ce_grad_block(x_ptr, xoff + c0, s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w, g_ptr, goff + c0, s_gc,
                        dt_ptr, dtoff + c0 * s_dtc, s_dtc,
-                       c0, rest, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
+                       c0, rest, rmask, tgt, m, inv_s, logs, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
                        HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
                        True, ALIGN, ACC, EVICT)  # fmt: skip
     else:
@@ -111,7 +110,7 @@ def _ce_grad_pass(
             c64 = tl.cast(c0, tl.int64)  # column x stride passes 2**31 for K-dim rows (class stride d1*...*dK)
             _ce_grad_block(x_ptr, xoff + c64 * s_xc, s_xc, t_ptr, toff + c64 * s_tc, s_tc, w_ptr, s_w,
                            g_ptr, goff + c64 * s_gc, s_gc, dt_ptr, dtoff + c64 * s_dtc, s_dtc,
-                           c0, C - c0, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
+                           c0, C - c0, rmask, tgt, m, inv_s, logs, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
                            HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
                            True, BLOCK_C, ACC, EVICT)  # fmt: skip
 
@@ -119,7 +118,7 @@ def _ce_grad_pass(
 @triton.jit
 def _ce_grad_block(
     x_ptr, xrow, s_xc, t_ptr, trow, s_tc, w_ptr, s_w, g_ptr, grow, s_gc, dt_ptr, dtrow, s_dtc,
-    c0, n, rmask, tgt, m, inv_s, lse, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
+    c0, n, rmask, tgt, m, inv_s, logs, a_rs, own_rs, rscale, c_off, NC, smoothing, softcap,
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_TGRAD: tl.constexpr,
     MASKED: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr,
@@ -148,7 +147,7 @@ def _ce_grad_block(
                 t = w[None, :] * t
             d -= t * rscale[:, None]
             if WRITE_TGRAD:
-                dt = (lse[:, None] - x) * ((1.0 - smoothing) * rscale)[:, None]
+                dt = ((m[:, None] - x) + logs[:, None]) * ((1.0 - smoothing) * rscale)[:, None]  # -log p
                 if HAS_WEIGHT:
                     dt = dt * w[None, :]
                 masked_store(
@@ -254,56 +253,63 @@ def _ce_fwd_stats(
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """One pass over a block of rows: running max and sum-exp, and the weighted sums smoothing / probability targets need.
+    """One pass over a block of rows: running max and sum-exp, and the weighted sums smoothing / probability targets
+    need (``sum w (x - M)``, ``sum w t``, ``sum w t (x - M)`` relative to the row max ``M``, 0 if it is ``-inf``, so
+    that the losses formed from them do not cancel terms of the logits' magnitude; see
+    ``reference.cross_entropy.weighted_sum_from``), and the weights' sum ``sum w`` (with smoothing and weights).
 
     ``EVICT``: the L2 eviction policy of the logits' read ("" or "evict_last": kept for the gradient pass).
     ``ALIGN > 1`` (one row): a masked head, unmasked 16-byte-aligned blocks, a masked rest (``aligned_split``)."""
     m = tl.full([BLOCK_R], NEG_INF, ACC)
     s = tl.zeros([BLOCK_R], ACC)
-    swx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * x_c (label smoothing)
+    swx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * (x_c - M) (label smoothing)
     swt = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * t_c (probability targets)
-    swtx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * t_c * x_c (probability targets)
+    swtx = tl.zeros([BLOCK_R], ACC)  # sum_c w_c * t_c * (x_c - M) (probability targets)
+    sw = tl.zeros([BLOCK_R], ACC)  # sum_c w_c (label smoothing with weights)
     if not LOGP_INPUT:
         if ALIGN > 1:  # a masked ALIGN-wide head, whole aligned tiles unmasked, the aligned rest, the last columns
             head, full, tail, rest = aligned_split(xoff, C, ALIGN, BLOCK_C)
-            m, s, swx, swt, swtx = _ce_stats_block(m, s, swx, swt, swtx, x_ptr, xoff, s_xc, t_ptr, toff, s_tc,
-                                                   w_ptr, s_w, 0, head, rmask, softcap,
-                                                   HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP,
-                                                   True, ALIGN, ACC, EVICT)  # fmt: skip
+            m, s, swx, swt, swtx, sw = _ce_stats_block(
+                m, s, swx, swt, swtx, sw, x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, s_w, 0, head, rmask, softcap,
+                HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP, True, ALIGN, ACC, EVICT)  # fmt: skip
             for k in range(full):
                 c0 = head + k * BLOCK_C
-                m, s, swx, swt, swtx = _ce_stats_block(m, s, swx, swt, swtx, x_ptr, tl.multiple_of(xoff + c0, ALIGN),
-                                                       s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w, c0, BLOCK_C,
-                                                       rmask, softcap, HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING,
-                                                       HAS_SOFTCAP, False, BLOCK_C, ACC, EVICT)  # fmt: skip
+                m, s, swx, swt, swtx, sw = _ce_stats_block(
+                    m, s, swx, swt, swtx, sw, x_ptr, tl.multiple_of(xoff + c0, ALIGN), s_xc, t_ptr, toff + c0 * s_tc,
+                    s_tc, w_ptr, s_w, c0, BLOCK_C, rmask, softcap, HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING,
+                    HAS_SOFTCAP, False, BLOCK_C, ACC, EVICT)  # fmt: skip
             c0 = head + full * BLOCK_C
-            m, s, swx, swt, swtx = _ce_stats_block(m, s, swx, swt, swtx, x_ptr, tl.multiple_of(xoff + c0, ALIGN),
-                                                   s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w, c0, tail, rmask,
-                                                   softcap, HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP,
-                                                   True, BLOCK_C, ACC, EVICT)  # fmt: skip
+            m, s, swx, swt, swtx, sw = _ce_stats_block(
+                m, s, swx, swt, swtx, sw, x_ptr, tl.multiple_of(xoff + c0, ALIGN), s_xc, t_ptr, toff + c0 * s_tc,
+                s_tc, w_ptr, s_w, c0, tail, rmask, softcap, HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP, True,
+                BLOCK_C, ACC, EVICT)  # fmt: skip
             c0 = C - rest
-            m, s, swx, swt, swtx = _ce_stats_block(m, s, swx, swt, swtx, x_ptr, xoff + c0, s_xc, t_ptr,
-                                                   toff + c0 * s_tc, s_tc, w_ptr, s_w, c0, rest, rmask, softcap,
-                                                   HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP,
-                                                   True, ALIGN, ACC, EVICT)  # fmt: skip
+            m, s, swx, swt, swtx, sw = _ce_stats_block(
+                m, s, swx, swt, swtx, sw, x_ptr, xoff + c0, s_xc, t_ptr, toff + c0 * s_tc, s_tc, w_ptr, s_w, c0, rest,
+                rmask, softcap, HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP, True, ALIGN, ACC,
+                EVICT)  # fmt: skip
         else:
             for c0 in range(0, C, BLOCK_C):
                 c64 = tl.cast(c0, tl.int64)  # column x stride passes 2**31 for K-dim rows
-                m, s, swx, swt, swtx = _ce_stats_block(m, s, swx, swt, swtx, x_ptr, xoff + c64 * s_xc, s_xc, t_ptr,
-                                                       toff + c64 * s_tc, s_tc, w_ptr, s_w, c0, C - c0, rmask, softcap,
-                                                       HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP,
-                                                       True, BLOCK_C, ACC, EVICT)  # fmt: skip
-    return m, s, swx, swt, swtx
+                m, s, swx, swt, swtx, sw = _ce_stats_block(
+                    m, s, swx, swt, swtx, sw, x_ptr, xoff + c64 * s_xc, s_xc, t_ptr, toff + c64 * s_tc, s_tc, w_ptr,
+                    s_w, c0, C - c0, rmask, softcap, HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP, True,
+                    BLOCK_C, ACC, EVICT)  # fmt: skip
+    return m, s, swx, swt, swtx, sw
 
 
 @triton.jit
 def _ce_stats_block(
-    m, s, swx, swt, swtx, x_ptr, xrow, s_xc, t_ptr, trow, s_tc, w_ptr, s_w, c0, n, rmask, softcap,
+    m, s, swx, swt, swtx, sw, x_ptr, xrow, s_xc, t_ptr, trow, s_tc, w_ptr, s_w, c0, n, rmask, softcap,
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
     """Fold columns ``[c0, c0 + BLOCK_C)`` into ``_ce_fwd_stats``' running sums (``xrow`` / ``trow``: the rows'
-    offsets of column ``c0``): the first ``n`` when ``MASKED``, else every one (rows and columns in range)."""
+    offsets of column ``c0``): the first ``n`` when ``MASKED``, else every one (rows and columns in range).
+
+    The weighted sums are kept relative to the running shift (the max so far, 0 while it is ``-inf``):
+    ``x - shift`` is the exponent's argument anyway, and a new max rebases them by ``mass * (old - new)``,
+    with ``mass`` the weights (``sw``, or the ``c0`` columns) or ``swt`` seen before this tile."""
     rel = tl.arange(0, BLOCK_C)
     cmask = rel < n
     mask = rmask[:, None] & cmask[None, :]
@@ -311,39 +317,52 @@ def _ce_stats_block(
     cols = c0 + rel
     x = masked_load(x_ptr + xrow[:, None] + rel[None, :] * s_xc, mask, NEG_INF, MASKED, EVICT)
     x = _softcap(x.to(ACC), softcap, mask if MASKED else rmask[:, None], HAS_SOFTCAP)
-    m, s = online_lse_block(m, s, x)
+    m_new = tl.maximum(m, tl.max(x, 1))
+    old = tl.where(m == NEG_INF, 0.0, m)
+    shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+    xs = x - shift[:, None]
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(xs), 1)
     if HAS_WEIGHT:
-        w = masked_load(w_ptr + cols * s_w, cmask, 0.0, MASKED, "").to(ACC)[None, :]
-    else:
-        w = 1.0
+        w = masked_load(w_ptr + cols * s_w, cmask, 0.0, MASKED, "").to(ACC)
     if HAS_SMOOTHING:
-        wx = w * x
+        if HAS_WEIGHT:
+            w2 = w[None, :] + tl.zeros_like(xs)
+            wx = w2 * xs
+            seen = sw
+            sw += tl.sum(w2, 1)
+        else:
+            wx = xs
+            seen = c0
         if MASKED:
             wx = tl.where(mask, wx, 0.0)
-        swx += tl.sum(wx, 1)
+        swx += seen * (old - shift) + tl.sum(wx, 1)
     if PROB_TARGET:
-        t = masked_load(t_ptr + trow[:, None] + rel[None, :] * s_tc, mask, 0.0, MASKED, "")
-        wt = w * t.to(ACC)
-        swt += tl.sum(wt, 1)
-        wtx = wt * x
+        t = masked_load(t_ptr + trow[:, None] + rel[None, :] * s_tc, mask, 0.0, MASKED, "").to(ACC)
+        wt = w[None, :] * t if HAS_WEIGHT else t
+        wtx = wt * xs
         if MASKED:
             wtx = tl.where(mask, wtx, 0.0)
-        swtx += tl.sum(wtx, 1)
-    return m, s, swx, swt, swtx
+        swtx += swt * (old - shift) + tl.sum(wtx, 1)
+        swt += tl.sum(wt, 1)
+    return m_new, s, swx, swt, swtx, sw
 
 
 @triton.jit
 def _ce_row_loss(m, logs, lse, w_t, x_t, ignored, inb, swx, swt, swtx, wsum, C, smoothing, z_loss,
                  PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                  HAS_Z: tl.constexpr):  # fmt: skip
-    """Per-row loss from the row statistics (``logs = log(sum-exp)``, ``lse = m + logs``), and the target mass ``S1``."""
+    """Per-row loss from the row statistics (``logs = log(sum-exp)``, ``lse = m + logs``), and the target mass ``S1``.
+
+    ``swx`` / ``swtx`` are relative to the max (0 if it is ``-inf``): ``sum w t (m - x) = top S1 - swtx``
+    with ``top = m - shift``, 0 (-inf for an all ``-inf`` row)."""
+    top = m - tl.where(m == NEG_INF, 0.0, m)
     S1 = swt
     if PROB_TARGET:
         S2 = swtx
         if HAS_SMOOTHING:
             S1 = (1.0 - smoothing) * swt + smoothing * wsum / C
             S2 = (1.0 - smoothing) * swtx + smoothing * swx / C
-        loss = (m * S1 - S2) + logs * S1
+        loss = (top * S1 - S2) + logs * S1
         if HAS_Z:
             loss += z_loss * lse * lse
     else:
@@ -352,7 +371,7 @@ def _ce_row_loss(m, logs, lse, w_t, x_t, ignored, inb, swx, swt, swtx, wsum, C, 
         else:
             loss = w_t * ((m - x_t) + logs)
             if HAS_SMOOTHING:
-                loss = (1.0 - smoothing) * loss + smoothing / C * ((wsum * m - swx) + wsum * logs)
+                loss = (1.0 - smoothing) * loss + smoothing / C * ((wsum * top - swx) + wsum * logs)
             if HAS_Z:
                 loss += z_loss * w_t * lse * lse
         loss = tl.where(ignored, 0.0, tl.where(inb, loss, float("nan")))
@@ -422,7 +441,7 @@ def _ce_fwd_block(
                                                        HAS_WEIGHT, ACC)  # fmt: skip
         x_t = tl.load(x_ptr + xoff + tsafe * s_xc, mask=rmask & inb, other=0.0).to(ACC)
         x_t = _softcap(x_t, softcap, rmask | True, HAS_SOFTCAP)
-    m, s, swx, swt, swtx = _ce_fwd_stats(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, s_w, rmask, C, softcap,
+    m, s, swx, swt, swtx, _ = _ce_fwd_stats(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, s_w, rmask, C, softcap,
                                          HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP,
                                          BLOCK_R, BLOCK_C, ACC, EVICT_1ST, ALIGN)  # fmt: skip
     logs = tl.log(s)
@@ -441,7 +460,7 @@ def _ce_fwd_block(
                                      PROB_TARGET, HAS_SMOOTHING, HAS_Z)  # fmt: skip
         goff = row_offsets(rows, B, s_ga, s_gb)
         _ce_grad_pass(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, s_w, g_ptr, goff, s_gc,
-                      g_ptr, goff, s_gc, rmask, tgt, m, 1.0 / s, lse, a_rs, own_rs, rscale,
+                      g_ptr, goff, s_gc, rmask, tgt, m, 1.0 / s, logs, a_rs, own_rs, rscale,
                       C, 0, C, smoothing, softcap,
                       HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, False,
                       BLOCK_C, ACC, EVICT_2ND, ALIGN)  # fmt: skip
@@ -485,7 +504,8 @@ def _ce_bwd_kernel(
     if not LOGP_INPUT:
         m = tl.load(stats_ptr + s_st * rows, mask=rmask, other=0.0).to(ACC)
         s = tl.load(stats_ptr + s_st * rows + 1, mask=rmask, other=1.0).to(ACC)
-    lse = m + tl.log(s)
+    logs = tl.log(s)
+    lse = m + logs
     coef = _load_scalar(coef_ptr, HAS_COEF, ACC)
     coef = coef * tl.load(gout_ptr + rows * s_gout, mask=rmask, other=0.0).to(ACC)
     tgt = tl.zeros([BLOCK_R], tl.int64) - 1
@@ -517,7 +537,7 @@ def _ce_bwd_kernel(
     goff = row_offsets(rows, B, s_ga, s_gb)
     dtoff = row_offsets(rows, B, s_da, s_db)
     _ce_grad_pass(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_ptr, s_w, g_ptr, goff, s_gc,
-                  dt_ptr, dtoff, s_dc, rmask, tgt, m, 1.0 / s, lse, a_rs, own_rs, rscale,
+                  dt_ptr, dtoff, s_dc, rmask, tgt, m, 1.0 / s, logs, a_rs, own_rs, rscale,
                   C, c_off, NC, smoothing, softcap,
                   HAS_WEIGHT, PROB_TARGET, LOGP_INPUT, HAS_SMOOTHING, HAS_SOFTCAP, WRITE_TGRAD,
                   BLOCK_C, ACC, "", ALIGN)  # fmt: skip
@@ -528,17 +548,19 @@ def _ce_partial_kernel(
     x_ptr, s_xa, s_xc, s_xb,  # this slice's logits (A, C, B)
     t_ptr, s_ta, s_tc, s_tb,  # targets: global indices (A, B) or this slice's probabilities (A, C, B)
     w_ptr, s_w,  # the global class weights (NC,) with their stride
-    out_ptr,  # per-row partial sums (R, 6), fp32 (fp64 for fp64 logits)
+    out_ptr,  # per-row partial sums (R, 8), fp32 (fp64 for fp64 logits)
     R, C, B, c_off, softcap,  # rows, local classes, spatial size, global index of the first local class
     bounds_ptr,  # (2,) int64 [c_off, global classes] on the device, read instead of c_off when SLICE_IN_MEMORY
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, SLICE_IN_MEMORY: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """One read of a slice's rows: ``(m, sum exp(x - m), x_target, sum w x, sum w t, sum w t x)`` per row.
+    """One read of a slice's rows: ``(m, sum exp(x - m), x_target, sum w (x - r), sum w t, sum w t (x - r), r, sum w)``
+    per row, ``r`` the slice's max (0 where it is ``-inf``): the weighted sums are taken from it.
 
     The target logit is 0 when the target lies outside ``[c_off, c_off + C)``; probabilities are
-    the raw (unsmoothed) ones. See ``reference.cross_entropy.ce_partial``.
+    the raw (unsmoothed) ones; the weight mass is written with smoothing only. See
+    ``reference.cross_entropy.ce_partial``.
     """
     if SLICE_IN_MEMORY:
         c_off = tl.load(bounds_ptr)
@@ -553,16 +575,21 @@ def _ce_partial_kernel(
         x_t = tl.where(hit, _softcap(x_t, softcap, hit, HAS_SOFTCAP), 0.0)
     # the forward's statistics pass, with the weights read from the slice's first class on
     w_slice = w_ptr + tl.cast(c_off, tl.int64) * s_w
-    m, s, swx, swt, swtx = _ce_fwd_stats(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_slice, s_w, rmask, C,
+    m, s, swx, swt, swtx, sw = _ce_fwd_stats(x_ptr, xoff, s_xc, t_ptr, toff, s_tc, w_slice, s_w, rmask, C,
                                          softcap, HAS_WEIGHT, PROB_TARGET, False, HAS_SMOOTHING, HAS_SOFTCAP,
                                          BLOCK_R, BLOCK_C, ACC, "", ALIGN)  # fmt: skip
-    dst = out_ptr + 6 * rows
+    dst = out_ptr + 8 * rows
     tl.store(dst, m.to(out_ptr.dtype.element_ty), mask=rmask)
     tl.store(dst + 1, s.to(out_ptr.dtype.element_ty), mask=rmask)
     tl.store(dst + 2, x_t.to(out_ptr.dtype.element_ty), mask=rmask)
     tl.store(dst + 3, swx.to(out_ptr.dtype.element_ty), mask=rmask)
     tl.store(dst + 4, swt.to(out_ptr.dtype.element_ty), mask=rmask)
     tl.store(dst + 5, swtx.to(out_ptr.dtype.element_ty), mask=rmask)
+    tl.store(dst + 6, tl.where(m == NEG_INF, 0.0, m).to(out_ptr.dtype.element_ty), mask=rmask)
+    if HAS_SMOOTHING:  # the slice's weight mass: what the sums relative to r are rebased with
+        if not HAS_WEIGHT:
+            sw = tl.zeros([], ACC) + C
+        tl.store(dst + 7, (sw + tl.zeros([BLOCK_R], ACC)).to(out_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
@@ -838,7 +865,7 @@ def _bounds_ptr(spec: CESpec, dummy: torch.Tensor) -> torch.Tensor:
 
 
 def ce_partial(x: torch.Tensor, t: torch.Tensor, spec: CESpec) -> torch.Tensor:
-    """Launch the partial-sums kernel: ``(A * B, 6)`` per-row sums of a vocabulary slice.
+    """Launch the partial-sums kernel: ``(A * B, 8)`` per-row sums of a vocabulary slice.
 
     Args:
         x: this slice's logits ``(A, C, B)`` (classes ``[spec.class_offset, + C)``).
@@ -850,7 +877,7 @@ def ce_partial(x: torch.Tensor, t: torch.Tensor, spec: CESpec) -> torch.Tensor:
     """
     A, C, B = x.shape
     R = A * B
-    out = torch.zeros(R, 6, device=x.device, dtype=acc_dtype(x.dtype))
+    out = torch.zeros(R, _reference.PARTIAL_COLUMNS, device=x.device, dtype=acc_dtype(x.dtype))
     if R == 0:
         return out
     block_r, block_c, warps = launch_config(max(C, 1), x.element_size(), x.stride(1) == 1 or B == 1)
@@ -1017,14 +1044,14 @@ def ce_partial_op(
     x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None, smoothing: float, softcap: float, prob: bool,
     class_offset: int, bounds: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """:func:`ce_partial`'s ``(R, 6)`` partial sums; ``softcap <= 0``: none."""
+    """:func:`ce_partial`'s ``(R, 8)`` partial sums; ``softcap <= 0``: none."""
     spec = _op_spec(weight, None, -100, smoothing, 0.0, softcap, prob, False)
     return ce_partial(x, t, spec._replace(class_offset=class_offset, bounds=bounds))
 
 
 @ce_partial_op.register_fake
 def _(x, t, weight, smoothing, softcap, prob, class_offset, bounds=None):
-    return x.new_empty(x.shape[0] * x.shape[2], 6, dtype=acc_dtype(x.dtype))
+    return x.new_empty(x.shape[0] * x.shape[2], _reference.PARTIAL_COLUMNS, dtype=acc_dtype(x.dtype))
 
 
 def _traced_ce_partial(x, t, spec: CESpec):

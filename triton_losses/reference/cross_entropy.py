@@ -24,6 +24,9 @@ from ..options import CESpec, host_slice
 
 FUSES_GRAD = True  # ce_fwd(..., grad=buffer) writes the gradient of the reduced loss
 
+# Columns of ``ce_partial``'s per-row sums of a vocabulary slice (see there).
+PARTIAL_COLUMNS = 8
+
 # Rows per chunk are chosen so a chunk holds about this many fp32 elements (4 MiB).
 CHUNK_ELEMS = 1 << 20
 
@@ -50,8 +53,7 @@ def row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     gives ``m = -inf`` and sum 0 (its loss is NaN, as torch's).
     """
     m = x.amax(1) if x.shape[1] else torch.full(x.shape[:1], float("-inf"), dtype=x.dtype, device=x.device)
-    shift = m.masked_fill(m == float("-inf"), 0.0)
-    return m, torch.sub(x, shift[:, None]).exp_().sum(1)
+    return m, torch.sub(x, shift_of(m)[:, None]).exp_().sum(1)
 
 
 class _Chunk:
@@ -181,21 +183,44 @@ def ce_fwd(x: torch.Tensor, t: torch.Tensor, spec: CESpec, coef: torch.Tensor | 
     return loss, stats
 
 
+def shift_of(m: torch.Tensor) -> torch.Tensor:
+    """The rows' max ``m``, 0 where it is ``-inf``: what their exponents and weighted sums are taken from."""
+    return m.masked_fill(m == float("-inf"), 0.0)
+
+
+def weighted_sum_from(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """``sum_c w_c (x_c - r)`` per row (``w``: ``(C,)``, ``(R, C)`` or None for ones).
+
+    The sums of ``w x`` that the smoothing and probability-target losses need are taken relative to
+    the row's max (``r = shift_of(m)``), never from 0: ``m * S1 - sum w x`` cancels two terms of the
+    logits' magnitude, and at 30 + 2 randn logits that cost 4x torch's fp32 error (30x at 300).
+    """
+    xr = x - r[:, None]
+    if w is None:
+        return xr.sum(1)
+    return xr @ w if w.dim() == 1 else (w * xr).sum(1)
+
+
 def _chunk_loss(ch: _Chunk, spec: CESpec) -> torch.Tensor:
-    """Per-row loss of one chunk: ``w_t * ((m - x_t) + log(sum))`` plus the smoothing and z terms."""
+    """Per-row loss of one chunk: ``w_t * ((m - x_t) + log(sum))`` plus the smoothing and z terms.
+
+    The smoothing and probability-target sums are relative to ``r = shift_of(m)``:
+    ``sum w (m - x) = W (m - r) - sum w (x - r)``, with ``m - r`` 0 (``-inf`` for an all ``-inf`` row).
+    """
     C, eps = ch.C, spec.smoothing
     if spec.prob_target:
+        r = shift_of(ch.m)
         S1 = ch.wt.sum(1)
-        S2 = (ch.wt * ch.x).sum(1)
-        out = (ch.m * S1 - S2) + ch.logs * S1
+        out = ((ch.m - r) * S1 - weighted_sum_from(ch.x, r, ch.wt)) + ch.logs * S1
         if spec.z_loss:
             out = out + spec.z_loss * ch.lse * ch.lse
         return out
     x_t = ch.x.gather(1, ch.tloc[:, None])[:, 0]
     out = ch.w_t * ((ch.m - x_t) + ch.logs)
     if eps > 0:
-        wx = ch.x.sum(1) if ch.w is None else ch.x @ ch.w
-        out = (1.0 - eps) * out + eps / C * ((ch.wsum * ch.m - wx) + ch.wsum * ch.logs)
+        r = shift_of(ch.m)
+        wx = weighted_sum_from(ch.x, r, ch.w)
+        out = (1.0 - eps) * out + eps / C * ((ch.wsum * (ch.m - r) - wx) + ch.wsum * ch.logs)
     if spec.z_loss:
         out = out + spec.z_loss * ch.w_t * ch.lse * ch.lse
     return ch.mask_rows(out)
@@ -252,7 +277,7 @@ def _grad_chunk(ch: _Chunk, spec: CESpec, a0: int, a1: int, rs, grad, tgrad) -> 
     # if ``grad`` is the logits, ``ch.x`` is that same memory and is not read after this point.
     direct = B == 1 and grad.dtype == ch.x.dtype
     if spec.prob_target and tgrad is not None:
-        dt = (ch.lse[:, None] - ch.x).mul_((1.0 - eps) * rs[:, None])
+        dt = torch.sub(ch.m[:, None], ch.x).add_(ch.logs[:, None]).mul_((1.0 - eps) * rs[:, None])  # -log p
         if ch.w is not None:
             dt.mul_(ch.w)
         _rows_view(tgrad[a0:a1]).copy_(dt.view(a1 - a0, B, ch.x.shape[1]))
@@ -290,7 +315,7 @@ def _grad_chunk(ch: _Chunk, spec: CESpec, a0: int, a1: int, rs, grad, tgrad) -> 
 
 
 def ce_partial(x: torch.Tensor, t: torch.Tensor, spec: CESpec) -> torch.Tensor:
-    """This slice's per-row partial sums ``(A * B, 6)`` (fp32; fp64 for fp64) for vocabulary-parallel CE.
+    """This slice's per-row partial sums ``(A * B, 8)`` (fp32; fp64 for fp64) for vocabulary-parallel CE.
 
     Args:
         x: logits ``(A, C, B)``: the classes ``[spec.class_offset, spec.class_offset + C)`` of
@@ -299,25 +324,31 @@ def ce_partial(x: torch.Tensor, t: torch.Tensor, spec: CESpec) -> torch.Tensor:
         spec: the options; ``weight`` is the global ``(C,)`` tensor.
 
     Returns:
-        Columns: local max ``m`` of the (softcapped) logits, ``sum(exp(x - m))``, the target logit
-        (0 when the target is outside the slice), ``sum_c w_c x_c`` (with smoothing, else 0),
-        ``sum_c w_c t_c`` and ``sum_c w_c t_c x_c`` (probability targets, else 0), with raw
-        (unsmoothed) probabilities.
+        Columns: 0 the local max ``m`` of the (softcapped) logits, 1 ``sum(exp(x - m))``, 2 the
+        target logit (0 when the target is outside the slice), 3 ``sum_c w_c (x_c - r)`` (with
+        smoothing, else 0), 4 ``sum_c w_c t_c`` and 5 ``sum_c w_c t_c (x_c - r)`` (probability
+        targets, else 0; raw, unsmoothed probabilities), 6 ``r = shift_of(m)`` (the local max, 0
+        where it is ``-inf``), 7 ``sum_c w_c`` over the slice (with smoothing, else 0). Rebased on
+        the global max ``g`` as ``col + (r - g) * weight mass`` before they are summed over the
+        ranks, the sums never cancel terms of the logits' magnitude (``weighted_sum_from``).
     """
     spec = host_slice(spec)
     A, C, B = x.shape
     acc = acc_dtype(x.dtype)
-    out = torch.zeros(A * B, 6, dtype=acc, device=x.device)
+    out = torch.zeros(A * B, PARTIAL_COLUMNS, dtype=acc, device=x.device)
     plain = spec._replace(smoothing=0.0)
     for a0, a1 in _chunks(A, C, B):
         ch = _Chunk(x, t, plain, a0, a1)
         o = out[a0 * B : a1 * B]
         o[:, 0], o[:, 1] = ch.m, ch.s
+        r = shift_of(ch.m)
+        o[:, 6] = r
         if spec.smoothing > 0:
-            o[:, 3] = ch.x.sum(1) if ch.w is None else ch.x @ ch.w
+            o[:, 3] = weighted_sum_from(ch.x, r, ch.w)
+            o[:, 7] = float(C) if ch.w is None else ch.w.sum()
         if spec.prob_target:
             o[:, 4] = ch.wt.sum(1)
-            o[:, 5] = (ch.wt * ch.x).sum(1)
+            o[:, 5] = weighted_sum_from(ch.x, r, ch.wt)
         elif C:
             o[:, 2] = torch.where(ch.hit, ch.x.gather(1, ch.tloc[:, None])[:, 0], 0.0)
     return out
