@@ -122,13 +122,15 @@ def eviction_hints(sass: str) -> dict:
 
 
 def i32_stride_products(ttir: str, signature: dict) -> list[str]:
-    """The TTIR's 32-bit multiplications by a stride argument (an ``s_*`` scalar the launch passes as i32).
+    """The TTIR's 32-bit multiplications by a stride argument (an ``s_*`` scalar the launch passes as i32)
+    or by the row count ``R``.
 
     An index times a stride is an element offset, which passes 2**31 on large inputs (a K-dim class
-    stride of d1*...*dK, a transposed row's stride); it must be formed in 64 bits. Constant-1 strides
-    fold away, so a case whose strides are i32 values other than 1 is where this shows.
+    stride of d1*...*dK, a transposed row's stride); it must be formed in 64 bits, and so must ``k * R``
+    (the k-th of several per-row statistics laid out one after another). Constant-1 strides fold away,
+    so a case whose strides are i32 values other than 1 is where this shows.
     """
-    strides = {name for name, t in signature.items() if name.startswith("s_") and t.startswith("i32")}
+    strides = {name for name, t in signature.items() if (name.startswith("s_") or name == "R") and t.startswith("i32")}
     out = []
     for a, b, ty in re.findall(r"arith\.muli (%[\w.]+), (%[\w.]+) : (i32|tensor<[^>]*xi32[^>]*>)", ttir):
         if {a.lstrip("%").split(".")[0], b.lstrip("%").split(".")[0]} & strides:

@@ -171,6 +171,21 @@ def test_eviction_hints_are_read_from_the_sass_and_checked():
     assert "EVICT_1ST=evict_last" in finding
 
 
+def test_32_bit_products_with_a_stride_or_the_row_count_are_found_in_the_ttir():
+    from tests import aot_compile
+
+    ttir = """
+    %0 = arith.muli %c0, %s_xc : i32
+    %1 = arith.muli %c4_i32, %R : i32
+    %2 = arith.muli %rows, %R : tensor<16xi64>
+    %3 = arith.muli %k, %BLOCK : i32
+    %4 = arith.muli %c0, %s_w : i32
+    """
+    signature = {"s_xc": "i32:D", "R": "i32:D", "s_w": "1", "C": "i32"}
+    found = aot_compile.i32_stride_products(ttir, signature)
+    assert found == ["%c0 * %s_xc : i32", "%c4_i32 * %R : i32"]
+
+
 def test_the_lm_forward_keeps_its_row_in_l2_for_the_gradient_pass(smoke):
     """The fused LM forward is the persistent variant: its first read hinted evict_last, its second evict_first."""
     (key,) = [k for k in smoke if k.startswith("_ce_fwd_kernel") and "WRITE_GRAD=True,HAS_COEF=True" in k][:1]

@@ -368,20 +368,25 @@ def _kd_kernel(
     soff = row_offsets(rows, B, s_aa, s_ab)
     toff = row_offsets(rows, B, s_ba, s_bb)
     inv_t = joined(it_hi, it_lo, ACC)
+    # the statistics' five rows of R: offsets summed in int64 (rows), never k * R in int32 (R > 2**29)
+    o1 = rows + R
+    o2 = o1 + R
+    o3 = o2 + R
+    o4 = o3 + R
     if STATS_KNOWN:
         loss = tl.load(out_ptr + rows, mask=rmask, other=0.0).to(ACC)
-        c_s = tl.load(out_ptr + R + rows, mask=rmask, other=0.0).to(ACC)
-        lz_s = tl.load(out_ptr + 2 * R + rows, mask=rmask, other=0.0).to(ACC)
-        c_t = tl.load(out_ptr + 3 * R + rows, mask=rmask, other=0.0).to(ACC)
-        lz_t = tl.load(out_ptr + 4 * R + rows, mask=rmask, other=0.0).to(ACC)
+        c_s = tl.load(out_ptr + o1, mask=rmask, other=0.0).to(ACC)
+        lz_s = tl.load(out_ptr + o2, mask=rmask, other=0.0).to(ACC)
+        c_t = tl.load(out_ptr + o3, mask=rmask, other=0.0).to(ACC)
+        lz_t = tl.load(out_ptr + o4, mask=rmask, other=0.0).to(ACC)
     else:
         loss, c_s, lz_s, c_t, lz_t = _kd_stats(a_ptr, soff, s_av, b_ptr, toff, s_bv, keep, V, inv_t, HAS_LABELS,
                                                BLOCK_R, BLOCK_C, ACC, ALIGN)  # fmt: skip
         tl.store(out_ptr + rows, tl.where(keep, loss, 0.0), mask=rmask)
-        tl.store(out_ptr + R + rows, c_s, mask=rmask)
-        tl.store(out_ptr + 2 * R + rows, lz_s, mask=rmask)
-        tl.store(out_ptr + 3 * R + rows, c_t, mask=rmask)
-        tl.store(out_ptr + 4 * R + rows, lz_t, mask=rmask)
+        tl.store(out_ptr + o1, c_s, mask=rmask)
+        tl.store(out_ptr + o2, lz_s, mask=rmask)
+        tl.store(out_ptr + o3, c_t, mask=rmask)
+        tl.store(out_ptr + o4, lz_t, mask=rmask)
     if WRITE_GA or WRITE_GB:
         scale = tl.load(gs_ptr + rows * s_gs, mask=keep, other=0.0).to(ACC) * inv_t
         goff = row_offsets(rows, B, s_ga, s_gb)
