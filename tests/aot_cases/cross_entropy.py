@@ -60,10 +60,20 @@ def _row_cases(x: str, C: int, B: int, config: tuple, flags: dict, launch: str, 
 def _reduction_cases(x: str):
     """The single-program denominator and 'mean' / 'sum' kernels, and the in-place gradient scale."""
     acc = tl.float64 if x == "fp64" else tl.float32
-    common = dict(ptrs=_ptrs(x, "i64"), scalars=dict(_scalars(VOCAB), n=ROWS * VOCAB), launch=f"{ROWS}x{VOCAB}")
-    for weight, mean in product((False, True), repeat=2):
-        flags = dict(HAS_WEIGHT=weight, PROB_TARGET=False, MEAN=mean, BLOCK=k._NORM_BLOCK, ACC=acc)
+    scalars = dict(_scalars(VOCAB), n=ROWS * VOCAB, P=k.SPLIT_PROGRAMS, rows_per=k.SPLIT_STEPS * k._NORM_BLOCK)
+    common = dict(ptrs=dict(_ptrs(x, "i64"), part_ptr=_ptrs(x, "i64")["out_ptr"]), scalars=scalars,
+                  launch=f"{ROWS}x{VOCAB}")  # fmt: skip
+    for weight, mean, partials in product((False, True), repeat=3):
+        flags = dict(HAS_WEIGHT=weight, PROB_TARGET=False, MEAN=mean, PARTIALS=partials, BLOCK=k._NORM_BLOCK, ACC=acc)
         yield case(k._ce_norm_kernel, constexprs=flags, num_warps=k._NORM_WARPS, **common)
+    # the first stage over many rows: the denominator's (with and without weights) and the loss sum's
+    acc_name = common["ptrs"]["out_ptr"]
+    for targets, weight, block, warps in ((True, False, k._NORM_BLOCK, k._NORM_WARPS),
+                                          (True, True, k._NORM_BLOCK, k._NORM_WARPS),
+                                          (False, False, k._FINISH_BLOCK, k._FINISH_WARPS)):  # fmt: skip
+        flags = dict(TARGETS=targets, HAS_WEIGHT=weight, BLOCK=block, ACC=acc)
+        yield case(k._ce_split_sum_kernel, constexprs=flags, num_warps=warps,
+                   **dict(common, ptrs=dict(common["ptrs"], x_ptr=acc_name)))  # fmt: skip
     for mean, nan in ((False, False), (True, False), (True, True)):
         flags = dict(MEAN=mean, NAN_IF_ZERO=nan, BLOCK=k._FINISH_BLOCK, ACC=acc)
         yield case(k._ce_finish_kernel, constexprs=flags, ptrs=dict(_ptrs(x, "i64"), out_ptr=x),
