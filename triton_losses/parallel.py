@@ -235,8 +235,8 @@ def _global_rows(part: torch.Tensor, t: torch.Tensor, spec: CESpec, group) -> tu
     eps, total = spec.smoothing, spec.num_classes if spec.bounds is None else spec.bounds[1]
     gmax = _all_reduce(part[:, 0].clone(), dist.ReduceOp.MAX, group)
     shift = gmax.masked_fill(gmax == float("-inf"), 0.0)
-    # the weighted sums of each rank are relative to its reference logit (column 6); rebased on the
-    # shift (the global max) they add up without cancelling terms of the logits' magnitude
+    # the weighted sums of each rank are relative to its own max (column 6); rebased on the global max
+    # (times the rank's weight mass) they add up without cancelling terms of the logits' magnitude
     back = part[:, 6] - shift
     cols = [part[:, 1] * torch.exp(part[:, 0] - shift)]
     cols += [part[:, 4], part[:, 5] + part[:, 4] * back] if spec.prob_target else [part[:, 2]]
