@@ -49,6 +49,30 @@ def test_lm_vocab_bf16_within_budget(V, kw):
     budget_close(g * live, gr * live, gl * live)
 
 
+def test_segmentation_sized_k_dim_reduces_in_two_stages(monkeypatch):
+    """8 x 21 x 512 x 512 (2M pixels): the denominator and the reduction take their first stage at the real
+    threshold; mean / sum with weights and ignored pixels against torch in fp64, gradients included."""
+    from triton_losses.kernels import cross_entropy as k
+
+    splits = []
+    split = k._split
+    monkeypatch.setattr(k, "_split", lambda R, block: splits.append(split(R, block)) or splits[-1])
+    x = torch.randn(8, 21, 512, 512, device=DEV)
+    t = torch.randint(0, 21, (8, 512, 512), device=DEV)
+    t[:, :16] = 255
+    w = torch.rand(21, device=DEV) + 0.5
+    for reduction in ("mean", "sum"):
+        xs = x.clone().requires_grad_()
+        ours = tl_.cross_entropy(xs, t, weight=w, ignore_index=255, reduction=reduction)
+        (g,) = torch.autograd.grad(ours, xs)
+        x64 = x.double().requires_grad_()
+        ref = F.cross_entropy(x64, t, weight=w.double(), ignore_index=255, reduction=reduction)
+        (gr,) = torch.autograd.grad(ref, x64)
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g.double(), gr, rtol=1e-4, atol=1e-10)
+    assert splits and all(p > 1 for p, _ in splits), splits
+
+
 def test_more_than_2_pow_31_elements():
     N, V = 16640, 131072  # 2.18e9 elements: int32 offsets would overflow
     x = torch.randn(N, V, device=DEV, dtype=torch.bfloat16)
