@@ -645,6 +645,9 @@ def _ce_split_sum_kernel(
     tl.store(part_ptr + tl.program_id(0), total)
 
 
+_PART_BLOCK = tl.constexpr(1024)  # SPLIT_PROGRAMS partials: one step
+
+
 @triton.jit
 def _ce_norm_kernel(
     t_ptr, s_ta, s_tb,  # index targets (A, B)
@@ -655,7 +658,10 @@ def _ce_norm_kernel(
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, MEAN: tl.constexpr, PARTIALS: tl.constexpr,
     BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """One program: the class-weight sum, the 'mean' denominator and ``1 / denominator`` (MEAN) or 1."""
+    """One program: the class-weight sum, the 'mean' denominator and ``1 / denominator`` (MEAN) or 1.
+
+    ``_PART_BLOCK``: the tile over the partials (a ``BLOCK``-wide fp64 one made sm_80's ptxas spill the
+    weight sum across that loop)."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], ACC)
     if HAS_WEIGHT:
@@ -668,7 +674,7 @@ def _ce_norm_kernel(
     if PROB_TARGET:
         denom = tl.zeros([], ACC) + R
     elif PARTIALS:
-        denom = _row_sum(part_ptr, 0, P, P, BLOCK, ACC)
+        denom = _row_sum(part_ptr, 0, P, P, _PART_BLOCK, ACC)
     else:
         denom = _target_weight_sum(t_ptr, s_ta, s_tb, w_ptr, s_w, 0, R, R, C, B, ignore_index,
                                    HAS_WEIGHT, BLOCK, ACC)  # fmt: skip
