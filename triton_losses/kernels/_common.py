@@ -163,10 +163,19 @@ def online_lse_block(m, s, x):
     """Fold a tile ``x`` ``(BLOCK_R, BLOCK_C)`` into per-row running ``(m, s)`` ``(BLOCK_R,)``: max and sum
     of ``exp(x - m)`` so far, one max / sum reduction per tile. ``-inf`` lanes add 0, and an all ``-inf``
     row keeps ``m = -inf``, ``s = 0`` (no ``-inf - -inf``)."""
+    m, s, _, _, _ = online_lse_shifted(m, s, x)
+    return m, s
+
+
+@triton.jit
+def online_lse_shifted(m, s, x):
+    """:func:`online_lse_block` that also returns the shifts before and after the tile (the running max,
+    0 while it is ``-inf``) and ``x - shift``: for sums kept relative to the max, rebased as it grows."""
     m_new = tl.maximum(m, tl.max(x, 1))
     shift = tl.where(m_new == NEG_INF, 0.0, m_new)
-    s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
-    return m_new, s
+    xs = x - shift[:, None]
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(xs), 1)
+    return m_new, s, tl.where(m == NEG_INF, 0.0, m), shift, xs
 
 
 @triton.jit

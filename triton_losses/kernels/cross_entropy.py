@@ -37,6 +37,7 @@ from ._common import (
     masked_load,
     masked_store,
     on_device,
+    online_lse_shifted,
     row_align,
     row_block,
     row_offsets,
@@ -318,11 +319,7 @@ def _ce_stats_block(
     cols = c0 + rel
     x = masked_load(x_ptr + xrow[:, None] + rel[None, :] * s_xc, mask, NEG_INF, MASKED, EVICT)
     x = _softcap(x.to(ACC), softcap, mask if MASKED else rmask[:, None], HAS_SOFTCAP)
-    m_new = tl.maximum(m, tl.max(x, 1))
-    old = tl.where(m == NEG_INF, 0.0, m)
-    shift = tl.where(m_new == NEG_INF, 0.0, m_new)
-    xs = x - shift[:, None]
-    s = s * tl.exp(m - shift) + tl.sum(tl.exp(xs), 1)
+    m, s, old, shift, xs = online_lse_shifted(m, s, x)
     if HAS_WEIGHT:
         w = masked_load(w_ptr + cols * s_w, cmask, 0.0, MASKED, "").to(ACC)
     if HAS_SMOOTHING:
@@ -345,7 +342,7 @@ def _ce_stats_block(
             wtx = tl.where(mask, wtx, 0.0)
         swtx += swt * (old - shift) + tl.sum(wtx, 1)
         swt += tl.sum(wt, 1)
-    return m_new, s, swx, swt, swtx, sw
+    return m, s, swx, swt, swtx, sw
 
 
 @triton.jit
