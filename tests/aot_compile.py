@@ -138,6 +138,23 @@ def i32_stride_products(ttir: str, signature: dict) -> list[str]:
     return sorted(set(out))
 
 
+def unpaired_floats(signature: dict) -> list[str]:
+    """Float scalar arguments not passed as an fp32 pair (``v``/``v_lo`` or ``v_hi``/``v_lo``).
+
+    Triton passes a Python float as fp32, so a kernel computing fp64 data with a bare float option
+    (0.1 as label smoothing) is off by about 1e-8 relative; the launchers split each float with
+    ``_elementwise.split_float`` and the kernels rebuild it with ``joined``. (The interpreter passes
+    Python floats unrounded, so only the compiled signature shows this.)
+    """
+    floats = {name for name, t in signature.items() if t in ("fp32", "fp64")}
+    paired = set()
+    for name in floats:
+        base = name[:-3] if name.endswith(("_hi", "_lo")) else name
+        if f"{base}_lo" in floats and (base in floats or f"{base}_hi" in floats):
+            paired.add(name)
+    return sorted(floats - paired)
+
+
 # What ``--check`` tolerates, set by main(): spill bytes, and whether register use above the launch's
 # occupancy fails the check or is only reported (``--registers report``).
 _MAX_SPILL = 0
@@ -156,6 +173,8 @@ def findings(case, r: dict) -> list[str]:
         out.append(f"{r['regs']} registers > {r['max_regs']} (the launch's occupancy)")
     if r.get("i32_strides"):
         out.append(f"stride products in 32 bits: {r['i32_strides']}")
+    if r.get("signature") and unpaired_floats(r["signature"]):
+        out.append(f"float arguments not split into fp32 pairs: {unpaired_floats(r['signature'])}")
     if r["loads"] is not None:
         if "load" in case.vector_io and not r["loads"].get("128"):
             out.append(f"no 128-bit global load (loads by width: {r['loads']})")

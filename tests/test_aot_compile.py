@@ -186,6 +186,22 @@ def test_32_bit_products_with_a_stride_or_the_row_count_are_found_in_the_ttir():
     assert found == ["%c0 * %s_xc : i32", "%c4_i32 * %R : i32"]
 
 
+def test_float_arguments_must_come_as_fp32_pairs():
+    from tests import aot_compile
+
+    signature = {"x_ptr": "*fp32:D", "smoothing": "fp32", "m": "fp32", "m_lo": "fp32", "eps_hi": "fp32",
+                 "eps_lo": "fp32", "beta_hi": "fp32", "stray_lo": "fp32", "R": "i32"}  # fmt: skip
+    assert aot_compile.unpaired_floats(signature) == ["beta_hi", "smoothing", "stray_lo"]
+
+
+def test_the_smoke_kernels_take_no_bare_float(smoke):
+    """What the runtime specialises: every float option of the smoke cases arrives as an fp32 pair."""
+    from tests import aot_compile
+
+    bare = {k: aot_compile.unpaired_floats(r["signature"]) for k, r in smoke.items() if r["signature"]}
+    assert not any(bare.values()), {k: v for k, v in bare.items() if v}
+
+
 def test_the_lm_forward_keeps_its_row_in_l2_for_the_gradient_pass(smoke):
     """The fused LM forward is the persistent variant: its first read hinted evict_last, its second evict_first."""
     (key,) = [k for k in smoke if k.startswith("_ce_fwd_kernel") and "WRITE_GRAD=True,HAS_COEF=True" in k][:1]

@@ -24,7 +24,8 @@ def _ptrs(x: str, target: str) -> dict[str, str]:
 
 def _scalars(C: int, B: int = 1, prob: bool = False) -> dict:
     """The launchers' scalar arguments for ``ROWS`` rows of length ``C`` (contiguous ``(A, C, B)`` logits)."""
-    s = dict(R=ROWS, C=C, B=B, ignore_index=-100, smoothing=0.1, z_loss=1e-4, softcap=30.0, s_gout=0, s_w=1,
+    s = dict(R=ROWS, C=C, B=B, ignore_index=-100, smoothing_hi=0.1, smoothing_lo=1e-9, z_hi=1e-4, z_lo=1e-12,
+             cap_hi=30.0, cap_lo=0.0, s_gout=0, s_w=1,
              c_off=0, NC=C, s_st=2)  # fmt: skip
     s.update(**strides("x", C, B), **strides("g", C, B), **strides("d", C, B))
     s.update(strides("t", C, B) if prob else dict(s_ta=B, s_tc=0, s_tb=1))

@@ -39,6 +39,7 @@ from ._elementwise import (
     asked,
     fake_grads,
     fake_loss,
+    joined,
     launch_backward,
     launch_forward,
     load_tile,
@@ -46,6 +47,7 @@ from ._elementwise import (
     log1p,
     op_grads,
     op_loss,
+    split_float,
     store_grads,
     store_or_divided_sum,
     tile_coords,
@@ -116,12 +118,14 @@ def _bce_bwd_kernel(
     g_ptr, gs0, gs1, gs2,  # upstream gradient: the shape ('none') or one value (G_SCALAR), fp32 or the dtype
     dx_ptr, dy_ptr, os0, os1, os2,  # gradients w.r.t. input and target, one shared layout
     R, D1, D2,  # rows (D0 * D1), the middle and the last collapsed dimension
-    eps,  # floor of the probability gradient's denominator: torch's 1e-12 in the data dtype (0 for fp16)
+    eps_hi, eps_lo,  # floor of the probability gradient's denominator (torch's 1e-12 in the data dtype, 0 for
+    # fp16) as an fp32 pair (hi + lo)
     LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, G_SCALAR: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DY: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_I32: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Gradients of one tile of ``sum(g * loss)`` w.r.t. the input and the target."""
+    eps = joined(eps_hi, eps_lo, ACC)
     i0, i1, cols, mask = tile_coords(R, D1, D2, BLOCK_R, BLOCK_C, ROWS_I32)
     x = load_tile(x_ptr, i0, i1, cols, xs0, xs1, xs2, mask, ACC)
     y = load_tile(y_ptr, i0, i1, cols, ys0, ys1, ys2, mask, ACC)
@@ -178,8 +182,9 @@ def bce_bwd(x: Tensor, y: Tensor, w, pw, logits: bool, g: Tensor, eps: float, ne
     Returns:
         ``(dx, dy)`` in ``x``'s shape and dtype (None where not needed).
     """
-    return launch_backward(_bce_bwd_kernel, [x, y, w, pw, g], need_dx, need_dy, eps=eps, LOGITS=logits,
-                           HAS_WEIGHT=w is not None, HAS_POS_WEIGHT=pw is not None,
+    eps_hi, eps_lo = split_float(eps)
+    return launch_backward(_bce_bwd_kernel, [x, y, w, pw, g], need_dx, need_dy, eps_hi=eps_hi, eps_lo=eps_lo,
+                           LOGITS=logits, HAS_WEIGHT=w is not None, HAS_POS_WEIGHT=pw is not None,
                            G_SCALAR=g.numel() > 0 and not any(g.stride()))  # fmt: skip
 
 

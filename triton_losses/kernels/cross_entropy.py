@@ -45,6 +45,7 @@ from ._common import (
     tanh,
     tl_acc,
 )
+from ._elementwise import joined, split_float
 
 FUSES_GRAD = True  # ce_fwd(..., grad=buffer) writes the gradient of the reduced loss
 
@@ -384,7 +385,8 @@ def _ce_fwd_kernel(
     loss_ptr, stats_ptr,  # per-row loss (R,) and (max, sum-exp) (R, 2), fp32 (fp64 for fp64 logits)
     g_ptr, s_ga, s_gc, s_gb,  # fused gradient (A, C, B), written when WRITE_GRAD
     coef_ptr,  # (1,) scale of the fused gradient (1/denominator for 'mean'), read when HAS_COEF
-    R, C, B, ignore_index, smoothing, z_loss, softcap,
+    R, C, B, ignore_index,
+    smoothing_hi, smoothing_lo, z_hi, z_lo, cap_hi, cap_lo,  # the float options as fp32 pairs (hi + lo)
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr, HAS_COEF: tl.constexpr,
@@ -398,6 +400,9 @@ def _ce_fwd_kernel(
     ``EVICT_1ST`` / ``EVICT_2ND``: eviction policies of the statistics pass's read and of the
     gradient pass's read and stores (see ``ce_variant``).
     """
+    smoothing = joined(smoothing_hi, smoothing_lo, ACC)  # the float options in ACC (exact for fp64)
+    z_loss = joined(z_hi, z_lo, ACC)
+    softcap = joined(cap_hi, cap_lo, ACC)
     if PERSISTENT:
         for blk in range(tl.program_id(0), tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
             _ce_fwd_block(blk, x_ptr, s_xa, s_xc, s_xb, t_ptr, s_ta, s_tc, s_tb, w_ptr, s_w, wsum_ptr,
@@ -476,7 +481,8 @@ def _ce_bwd_kernel(
     coef_ptr,  # (1,) extra scale (1/denominator for 'mean'), read when HAS_COEF
     g_ptr, s_ga, s_gc, s_gb,  # gradient w.r.t. the logits (A, C, B)
     dt_ptr, s_da, s_dc, s_db,  # gradient w.r.t. probability targets (A, C, B), when WRITE_TGRAD
-    R, C, B, ignore_index, smoothing, z_loss, softcap,
+    R, C, B, ignore_index,
+    smoothing_hi, smoothing_lo, z_hi, z_lo, cap_hi, cap_lo,  # the float options as fp32 pairs (hi + lo)
     c_off, NC,  # global index of the first local class, global class count (C, 0 for a whole row)
     bounds_ptr,  # (2,) int64 [c_off, NC] on the device, read instead of the two scalars when SLICE_IN_MEMORY
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, LOGP_INPUT: tl.constexpr,
@@ -490,6 +496,9 @@ def _ce_bwd_kernel(
     parallel): targets are global indices, the statistics global, and ``GIVEN_S1`` reads the
     probability targets' global ``sum_c w_c t_c`` from column 2 of the statistics.
     """
+    smoothing = joined(smoothing_hi, smoothing_lo, ACC)  # the float options in ACC (exact for fp64)
+    z_loss = joined(z_hi, z_lo, ACC)
+    softcap = joined(cap_hi, cap_lo, ACC)
     if SLICE_IN_MEMORY:  # the slice's bounds were computed on the device (no host read of them)
         c_off = tl.load(bounds_ptr)
         NC = tl.load(bounds_ptr + 1)
@@ -547,7 +556,8 @@ def _ce_partial_kernel(
     t_ptr, s_ta, s_tc, s_tb,  # targets: global indices (A, B) or this slice's probabilities (A, C, B)
     w_ptr, s_w,  # the global class weights (NC,) with their stride
     out_ptr,  # per-row partial sums (R, 8), fp32 (fp64 for fp64 logits)
-    R, C, B, c_off, softcap,  # rows, local classes, spatial size, global index of the first local class
+    R, C, B, c_off,  # rows, local classes, spatial size, global index of the first local class
+    cap_hi, cap_lo,  # the softcap as an fp32 pair (hi + lo)
     bounds_ptr,  # (2,) int64 [c_off, global classes] on the device, read instead of c_off when SLICE_IN_MEMORY
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, SLICE_IN_MEMORY: tl.constexpr,
@@ -560,6 +570,7 @@ def _ce_partial_kernel(
     the raw (unsmoothed) ones; the weight mass is written with smoothing only. See
     ``reference.cross_entropy.ce_partial``.
     """
+    softcap = joined(cap_hi, cap_lo, ACC)
     if SLICE_IN_MEMORY:
         c_off = tl.load(bounds_ptr)
     rows, rmask = row_block(R, BLOCK_R)
@@ -729,9 +740,16 @@ def _flags(spec: CESpec) -> dict:
     )
 
 
+def _softcap_pair(spec: CESpec) -> dict:
+    hi, lo = split_float(spec.softcap or 1.0)
+    return dict(cap_hi=hi, cap_lo=lo)
+
+
 def _scalars(spec: CESpec) -> dict:
-    return dict(ignore_index=spec.ignore_index, smoothing=spec.smoothing, z_loss=spec.z_loss,
-                softcap=spec.softcap or 1.0)  # fmt: skip
+    """The scalar options as kernel arguments, each float as an fp32 pair (Triton passes a float as fp32)."""
+    (s_hi, s_lo), (z_hi, z_lo) = split_float(spec.smoothing), split_float(spec.z_loss)
+    return dict(ignore_index=spec.ignore_index, smoothing_hi=s_hi, smoothing_lo=s_lo, z_hi=z_hi, z_lo=z_lo,
+                **_softcap_pair(spec))  # fmt: skip
 
 
 def _target_strides(t: torch.Tensor, prob: bool) -> dict:
@@ -932,7 +950,7 @@ def ce_partial(x: torch.Tensor, t: torch.Tensor, spec: CESpec) -> torch.Tensor:
             x_ptr=x, s_xa=x.stride(0), s_xc=x.stride(1), s_xb=x.stride(2),
             t_ptr=t, **_target_strides(t, spec.prob_target),
             w_ptr=w if w is not None else x, s_w=w.stride(0) if w is not None else 0, out_ptr=out,
-            R=R, C=C, B=B, c_off=spec.class_offset, softcap=spec.softcap or 1.0, bounds_ptr=_bounds_ptr(spec, out),
+            R=R, C=C, B=B, c_off=spec.class_offset, **_softcap_pair(spec), bounds_ptr=_bounds_ptr(spec, out),
             HAS_WEIGHT=w is not None, PROB_TARGET=spec.prob_target, HAS_SMOOTHING=spec.smoothing > 0.0,
             HAS_SOFTCAP=spec.softcap is not None, SLICE_IN_MEMORY=spec.bounds is not None,
             BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc(x.dtype), ALIGN=row_align(x, block_r), num_warps=warps,
