@@ -119,18 +119,34 @@ def test_probability_targets_match_fp64(backend, device, shape, opts, reduction,
     budget_close(gt, rt)
 
 
+FP64_OPTIONS = [
+    {},
+    {"weight": True, "ignore_index": 0},
+    {"label_smoothing": 0.2},
+    # float options that fp32 cannot hold: the kernels take them as fp32 pairs (a plain float argument
+    # is fp32 in Triton: 0.2 alone was off by 1e-8 relative in fp64)
+    {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 7.3},
+]
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("opts", [{}, {"weight": True, "ignore_index": 0}, {"label_smoothing": 0.2}], ids=str)
-def test_fp64_input_is_exact(backend, device, opts, reduction):
+@pytest.mark.parametrize("opts", FP64_OPTIONS, ids=str)
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_fp64_input_is_exact(backend, device, opts, reduction, prob):
+    """fp64 logits give fp64-exact results (the budget's fp64 slack, 1e-12 relative), every float option."""
     kw = _options(opts, 9, device)
     if "weight" in kw:
         kw["weight"] = kw["weight"].double()
-    x = torch.randn(6, 9, 2, device=device, dtype=torch.float64)
-    t = _target((6, 9, 2), 9, device, kw.get("ignore_index"))
+    x = torch.randn(6, 9, 2, device=device, dtype=torch.float64) * 3
+    if prob:
+        kw.pop("ignore_index", None)
+        t = torch.randn(6, 9, 2, device=device, dtype=torch.float64).softmax(1)
+    else:
+        t = _target((6, 9, 2), 9, device, kw.get("ignore_index"))
     ours, ref, g_ours, g_ref = _run_both(x, t, reduction, dtype=torch.float64, **kw)
     assert ours.dtype == torch.float64
-    torch.testing.assert_close(ours, ref, rtol=1e-7, atol=1e-9)
-    torch.testing.assert_close(g_ours, g_ref, rtol=1e-7, atol=1e-9)
+    budget_close(ours, ref)
+    budget_close(g_ours, g_ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -279,6 +295,31 @@ def test_noncontiguous_input(backend, device, make):
         torch.testing.assert_close(a, b)
         up = torch.randn_like(b)
         torch.testing.assert_close(torch.autograd.grad(a, xa, up)[0], torch.autograd.grad(b, xb, up)[0])
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_transposed_logits_are_read_across_rows(backend, device, prob):
+    """A transposed ``(C, N)`` buffer is viewed as the K-dim ``(1, C, N)``: coalesced tiles of neighbouring rows
+    (not one row's classes ``N`` apart), the same losses, and a gradient laid out as the input."""
+    from triton_losses._checks import ce_views
+    from triton_losses.kernels._common import launch_config
+
+    N, C = 24, 10
+    x = torch.randn(C, N, device=device, dtype=torch.float64).t()
+    t = torch.randn(C, N, device=device, dtype=torch.float64).softmax(0).t() if prob else _target((N, C), C, device)
+    xv, tv = ce_views(x, t, prob)
+    assert xv.shape == (1, C, N) and xv.stride(2) == 1 and tv.shape == ((1, C, N) if prob else (1, N))
+    assert launch_config(C, 2, xv.stride(1) == 1 or xv.shape[2] == 1)[0] > 1  # tiles across rows
+    kw = dict(weight=torch.rand(C, device=device, dtype=torch.float64) + 0.1, label_smoothing=0.1)
+    for red in REDUCTIONS:
+        xa, xr = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        ours = tl_.cross_entropy(xa, t, reduction=red, **kw)
+        ref = ref_cross_entropy(xr, t, reduction=red, **kw)
+        budget_close(ours, ref)
+        up = torch.randn_like(ref)
+        (g,) = torch.autograd.grad(ours, xa, up)
+        assert g.stride() == xa.stride()
+        budget_close(g, torch.autograd.grad(ref, xr, up)[0])
 
 
 def test_noncontiguous_target(backend, device):
@@ -452,6 +493,14 @@ def test_double_backward_matches_torch(backend, device, reduction):
         torch.testing.assert_close(g, gr)
         v = torch.randn_like(g)
         torch.testing.assert_close(torch.autograd.grad(g, x, v)[0], torch.autograd.grad(gr, xr, v)[0])
+    # nll_loss is linear in its input: the gradient is still differentiable w.r.t. it (zeros), as torch's
+    for kw in ({}, {"weight": w}):
+        ours, ref = tl_.nll_loss(x, t, reduction=reduction, **kw), F.nll_loss(xr, t, reduction=reduction, **kw)
+        up = torch.rand(ref.shape, dtype=torch.float64, device=device) + 0.5
+        (g,) = torch.autograd.grad(ours, x, up, create_graph=True)
+        (gr,) = torch.autograd.grad(ref, xr, up, create_graph=True)
+        torch.testing.assert_close(g, gr)
+        assert torch.equal(torch.autograd.grad((g * g).sum(), x)[0], torch.zeros_like(x))
 
 
 def test_strided_class_weights_are_read_with_their_stride(backend, device):
@@ -562,6 +611,14 @@ def test_cpu_autocast_returns_fp32_like_torch(backend, device):
     g, gr = torch.autograd.grad(pairs[0][0], x)[0], torch.autograd.grad(pairs[0][1], x)[0]
     assert g.dtype == gr.dtype == torch.bfloat16
     torch.testing.assert_close(g, gr)
+    # the weighted smoothing sum is computed in fp32 inside the region too (a matmul there ran in bf16:
+    # 4000x torch's error at 3 + 2 randn logits)
+    x32, w32 = torch.randn(5, 9) * 2 + 3, torch.rand(9) + 0.2
+    kw = dict(weight=w32, label_smoothing=0.1, reduction="none")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ref = tl_.cross_entropy(x32, t[:5], **kw), F.cross_entropy(x32, t[:5], **kw)
+    budget_close(ours, F.cross_entropy(x32.double(), t[:5], weight=w32.double(), label_smoothing=0.1,
+                                       reduction="none"), ref)  # fmt: skip
 
 
 @pytest.mark.interpreter

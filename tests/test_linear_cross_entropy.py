@@ -324,6 +324,34 @@ def test_low_precision_within_error_budget(backend, device, dtype, reduction):
         budget_close(g, r, lp)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cpu_autocast_follows_torchs_composite(backend, device, reduction):
+    """In an autocast region torch's ``linear_cross_entropy`` (``options=None``) is ``linear`` (16-bit logits)
+    then ``cross_entropy`` (an fp32 loss); with ``options`` its chunked op is not autocast."""
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    N, H, V = 12, 8, 40
+    t = _targets((N,), V, device, None)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, b = _operands(N, H, V, device, dtype=dtype, bias=True, scale=1.5)
+        xr, wr, br = (v.detach().clone().requires_grad_() for v in (x, w, b))
+        up = torch.rand(() if reduction != "none" else (N,)) + 0.5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = tl_.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction)
+            ref = F.cross_entropy(F.linear(xr, wr, br), t, reduction=reduction)
+        assert ours.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        for g, r in zip(_grads(ours, (x, w, b), up), _grads(ref, (xr, wr, br), up)):
+            assert g.dtype == r.dtype == dtype
+            torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2)
+        if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                plain = tl_.linear_cross_entropy(
+                    x, w, t, reduction=reduction, options=torch.nn.LinearCrossEntropyOptions()
+                )
+            assert plain.dtype == dtype
+
+
 def test_weight_and_bias_gradients_accumulate_in_fp32(device, monkeypatch):
     """384 identical one-row chunks: a bf16 running sum stalls (ulp(sum) > 2 * term after ~256 terms).
 

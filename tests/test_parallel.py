@@ -228,6 +228,11 @@ h, W = torch.randn(6, 4), torch.randn(11, 4, requires_grad=True)
 lm = triton_losses.nn.LinearCrossEntropyLoss(process_group=pg)
 torch.testing.assert_close(lm(h, W, t), F.cross_entropy(h @ W.t(), t))
 assert len(calls) == 2, calls
+with torch.autocast("cpu", dtype=torch.bfloat16):  # the composite's policy: bf16 logits, an fp32 loss
+    ours = triton_losses.linear_cross_entropy(h, W, t, process_group=pg)
+    ref = F.cross_entropy(F.linear(h, W), t)
+assert ours.dtype == ref.dtype == torch.float32, (ours.dtype, ref.dtype)
+torch.testing.assert_close(ours, ref)
 try:
     triton_losses.nn.LinearCrossEntropyLoss(4, 11, process_group=pg)
 except TypeError as e:

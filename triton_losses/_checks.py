@@ -96,6 +96,26 @@ def as_3d(x: torch.Tensor, dim: int) -> torch.Tensor:
         return x.reshape(A, C, B)
 
 
+def ce_views(input: torch.Tensor, target: torch.Tensor, prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(A, C, B)`` logits and ``(A, B)`` index (``(A, C, B)`` probability) targets of a
+    cross-entropy call, classes at dim 1 (dim 0 unbatched).
+
+    A 2-D input whose rows are neighbours in memory and whose classes are strided (a transposed
+    ``(C, N)`` buffer: strides ``(1, N)``) is viewed as ``(1, C, N)``, the K-dimensional layout: the
+    kernels then tile across rows, so each load reads neighbouring rows of one class (coalesced)
+    instead of one row's classes ``N`` elements apart. The rows and their order are the same, and so
+    is the gradient's layout (the input's).
+    """
+    cdim = 1 if input.dim() >= 2 else 0
+    x = as_3d(input, cdim)
+    t = as_3d(target, cdim) if prob else None
+    A, C, B = x.shape
+    if B == 1 and A > 1 and C > 1 and x.stride(0) == 1 and x.stride(1) != 1:
+        x = x.permute(2, 1, 0)
+        t = t.permute(2, 1, 0) if prob else None
+    return x, (t if prob else target.reshape(x.shape[0], x.shape[2]))
+
+
 # ---- shared by the elementwise losses (bce, kl_div) --------------------------------------------
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -132,6 +152,22 @@ def autocast_fp32(*tensors: torch.Tensor | None) -> tuple:
     if not torch.is_autocast_enabled(first.device.type):
         return tensors
     return tuple(t.float() if t is not None and t.dtype in _LOW_PRECISION else t for t in tensors)
+
+
+def autocast_linear(input, weight, bias) -> tuple:
+    """``(input, weight, bias, in_region)`` as ``linear`` meets them in an autocast region of ``input``'s
+    device: floating operands (fp64 aside) in the region's dtype; unchanged outside one. A loss of the
+    16-bit logits then follows ``cross_entropy``'s policy (fp32: ``in_region``)."""
+    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
+        return input, weight, bias, False
+    low = torch.get_autocast_dtype(input.device.type)
+
+    def cast(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype not in (torch.float64, low):
+            return v.to(low)
+        return v
+
+    return cast(input), cast(weight), cast(bias), True
 
 
 def autocast_refuses_bce(input: torch.Tensor) -> bool:

@@ -12,8 +12,8 @@ from . import _dispatch, parallel
 from ._checks import (
     FLOAT_DTYPES,
     TorchAccepted,
-    as_3d,
     autocast_fp32,
+    ce_views,
     check_target_range,
     raise_like_torch,
     reduction_string,
@@ -124,7 +124,25 @@ def _differentiable_grads(ctx, x, t, weight, coef, gout) -> tuple:
             scale = scale * coef.to(rows.dtype)
         found = torch.autograd.grad(rows, inputs, scale.expand(rows.shape), create_graph=True, allow_unused=True)
     it = iter(found)
-    return tuple(next(it) if need else None for need in want)
+    grads = [next(it) if need else None for need in want]
+    if grads[0] is not None and not grads[0].requires_grad:  # NLL: linear in x, so its gradient has no graph;
+        grads[0] = _ConstantIn.apply(grads[0], x)  # torch's still depends on x (with derivative 0)
+    return tuple(grads)
+
+
+class _ConstantIn(torch.autograd.Function):
+    """``g`` as a function of ``x`` with zero derivative: a gradient that does not depend on the logits (NLL's)
+    is still differentiable w.r.t. them, as torch's ``nll_loss`` double backward is (it gives zeros)."""
+
+    @staticmethod
+    def forward(ctx, g, x):
+        ctx.x_meta = (x.shape, x.dtype, x.device)
+        return g.clone()
+
+    @staticmethod
+    def backward(ctx, gg):
+        shape, dtype, device = ctx.x_meta
+        return gg, torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _ce_unsupported(input, target, weight, ignore_index, label_smoothing, nll: bool) -> bool:
@@ -197,14 +215,12 @@ def _run(op, torch_fn, torch_args, input, target, weight, reduction, opts: CEOpt
     if not opts.prob_target:
         check_target_range(target, C, opts.ignore_index)
     eng = _dispatch.engine("cross_entropy", input, target, weight, op=op)
-    x = as_3d(input, 1 if input.dim() >= 2 else 0)
+    x, t = ce_views(input, target, opts.prob_target)
     if opts.prob_target:
-        t = as_3d(target, 1 if target.dim() >= 2 else 0)
         out_dtype = torch.promote_types(input.dtype, target.dtype)
         if weight is not None:
             out_dtype = torch.promote_types(out_dtype, weight.dtype)
     else:
-        t = target.reshape(x.shape[0], x.shape[2])
         out_dtype = loss_dtype or input.dtype
     fuse = (
         torch.is_grad_enabled()

@@ -19,7 +19,7 @@ from . import _linear_ce_chunks as chunks
 from . import _linear_ce_composite as composite
 from . import _linear_ce_ops as lce_ops
 from . import parallel as _parallel
-from ._checks import FLOAT_DTYPES, TorchAccepted, eager_checks, raise_like_torch
+from ._checks import FLOAT_DTYPES, TorchAccepted, autocast_linear, eager_checks, raise_like_torch
 from ._precision import acc_dtype
 from ._reduce import cast, finish_rows, target_weight_sum
 from .options import CESpec
@@ -290,9 +290,13 @@ def linear_cross_entropy(
 
     Returns:
         The loss in ``input``'s dtype (promoted with a probability target's dtype): 0-d for
-        'mean' / 'sum', ``(*batch, d1, ..., dK)`` for 'none'.
+        'mean' / 'sum', ``(*batch, d1, ..., dK)`` for 'none'. In an autocast region (``options=None``)
+        torch's composite: the logits in the region's dtype and an fp32 loss.
     """
     _check_extras(z_loss, softcap, chunk_size, fp32_weight_grad)
+    autocast = False
+    if options is None:  # torch's composite; its chunked op (options given) is not autocast
+        input, linear_weight, linear_bias, autocast = autocast_linear(input, linear_weight, linear_bias)
     if process_group is not None or _parallel.is_row_sharded(linear_weight):
         return _parallel.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
@@ -319,6 +323,8 @@ def linear_cross_entropy(
                  lay.prob, lay.classes, chunks.chunk_rows(n, w.shape[0], x.element_size(), x.device, chunk_size),
                  chunks.weight_grad_dtype(w, fp32_weight_grad))  # fmt: skip
     out_dtype = torch.promote_types(x.dtype, target.dtype) if lay.prob else x.dtype
+    if autocast:  # cross_entropy's autocast policy: an fp32 loss (of the 16-bit logits)
+        out_dtype = torch.promote_types(out_dtype, torch.float32)
     out = LinearCrossEntropyFunction.apply(x, w, b, t, weight, eng, plan, rows, reduction, out_dtype)
     return out.reshape((*lay.batch, *lay.out_features)) if reduction == "none" else out
 

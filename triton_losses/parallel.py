@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import _dispatch
-from ._checks import FLOAT_DTYPES, as_3d, check_target_range, eager_checks
+from ._checks import FLOAT_DTYPES, autocast_linear, ce_views, check_target_range, eager_checks
 from ._precision import acc_dtype
 from .options import CEOptions, CESpec
 from .reference.cross_entropy import PARTIAL_COLUMNS
@@ -311,8 +311,7 @@ def cross_entropy(input, target, weight, ignore_index: int, reduction: str, labe
                      softcap=None if softcap is None else float(softcap), prob_target=prob)  # fmt: skip
     _check(x_local, target, weight, _total(bounds), opts, reduction)
     opts = opts._replace(smoothing=max(opts.smoothing, 0.0))
-    x = as_3d(x_local, cdim)
-    t = as_3d(target, cdim) if prob else target.reshape(x.shape[0], x.shape[2])
+    x, t = ce_views(x_local, target, prob)
     out_dtype = x_local.dtype
     if prob:
         out_dtype = torch.promote_types(out_dtype, target.dtype)
@@ -460,6 +459,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, r
     """
     from . import _linear_ce_chunks as chunks
 
+    input, linear_weight, linear_bias, autocast = autocast_linear(input, linear_weight, linear_bias)
     mesh_dim = _row_shard_dim(linear_weight)
     if mesh_dim is not None:
         mesh = linear_weight.device_mesh
@@ -494,5 +494,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, r
     plan = (chunks.chunk_rows(N, w.shape[0], x2.element_size(), x2.device, chunk_size),
             chunks.weight_grad_dtype(w, fp32_weight_grad))  # fmt: skip
     out_dtype = torch.promote_types(x.dtype, t.dtype) if prob else x.dtype
+    if autocast:  # torch's composite's policy: 16-bit logits, an fp32 loss
+        out_dtype = torch.promote_types(out_dtype, torch.float32)
     out = VocabParallelLinearCE.apply(x2, w, b, t2, weight, eng, opts, reduction, out_dtype, group, bounds, plan)
     return out.reshape(batch) if reduction == "none" else out

@@ -198,7 +198,10 @@ def weighted_sum_from(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None) 
     xr = x - r[:, None]
     if w is None:
         return xr.sum(1)
-    return xr @ w if w.dim() == 1 else (w * xr).sum(1)
+    if w.dim() == 1:
+        with torch.autocast(x.device.type, enabled=False):  # an autocast region would run it in 16 bits
+            return xr @ w
+    return (w * xr).sum(1)
 
 
 def _chunk_loss(ch: _Chunk, spec: CESpec) -> torch.Tensor:
