@@ -70,8 +70,11 @@ def _difference(op, torch_fn, torch_kwargs, input, target, weight, legacy, opts:
     """l1 / mse / smooth_l1 / huber: checks, torch's warnings, the weight's normalisation, the call."""
     reduction = _ea.silent_reduction(*legacy, torch_kwargs["reduction"])
     ok = reduction is not None and param_ok and _ea.modelled(input, target, *([weight] if weight is not None else []))
-    if ok and weight is not None:
+    if ok and weight is not None:  # torch's weighted l1 / mse is a composite autocast treats op by op: its own
         ok = weight.dtype in FLOAT_DTYPES and weight.shape == input.shape
+        ok = ok and (op == "huber_loss" or not torch.is_autocast_enabled(input.device.type))
+    if ok and target.dtype == torch.bool and opts.loss == "l1":  # torch subtracts the bool target: its error
+        ok = False
     if not ok:
         return _ea.delegate(op, torch_fn, input, target, **torch_kwargs)
     _ea.size_warning(input, target, stacklevel=3)
@@ -84,6 +87,8 @@ def _difference(op, torch_fn, torch_kwargs, input, target, weight, legacy, opts:
     shaped = len(torch.broadcast_shapes(input.shape, target.shape)) > 0
     out_dtype = _ea.promote((base, shaped), (weight.dtype, weight.dim() > 0))
     by_weights = reduction == "mean" and op != "huber_loss"  # l1 / mse: sum(w * loss) / sum(w); huber: mean
+    if by_weights:  # torch divides two 0-d sums: plain promotion with the weight's dtype
+        out_dtype = torch.promote_types(out_dtype, weight.dtype)
     if weight.requires_grad and torch.is_grad_enabled():  # torch's composite, so the weight gets its gradient
         loss = _run(op, opts, input, target, None, "none", base) * weight
         if reduction == "none":
@@ -248,7 +253,8 @@ def poisson_nll_loss(
         return F.poisson_nll_loss(input, target, log_input, full, size_average, eps, reduce, reduction)
     torch_args = (input, target, log_input, full, size_average, eps, reduce, reduction)
     red = _ea.silent_reduction(size_average, reduce, reduction)
-    if red is None or not _ea.modelled(input, target) or not isinstance(eps, (int, float)):
+    bool_stirling = full and isinstance(target, torch.Tensor) and target.dtype == torch.bool  # torch: its error
+    if red is None or not _ea.modelled(input, target) or not isinstance(eps, (int, float)) or bool_stirling:
         return _ea.delegate("poisson_nll_loss", F.poisson_nll_loss, *torch_args)
     red = reduction_string(size_average, reduce, reduction)
     input, target = autocast_fp32(input, target)
