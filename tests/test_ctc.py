@@ -78,7 +78,9 @@ def test_impossible_and_empty(backend, zero_infinity, reduction):
     _compare(lp, targets, il, tl, reduction=reduction, zero_infinity=zero_infinity)
 
 
-@pytest.mark.parametrize("form", ["int32", "list", "tuple", "unbatched", "unbatched_padded"])
+@pytest.mark.parametrize(
+    "form", ["int32", "list", "tuple", "unbatched", "unbatched_padded", "unbatched_list", "unbatched_tuple"]
+)
 def test_argument_forms(backend, form):
     lp, targets, il, tl = _case(N=2)
     if form == "int32":
@@ -90,6 +92,8 @@ def test_argument_forms(backend, form):
     else:
         lp, il, tl = lp[:, 0], il[0], tl[0]
         targets = targets[:1] if form == "unbatched_padded" else targets[0, : int(tl)]
+        if form != "unbatched" and form != "unbatched_padded":  # torch takes one-element lists unbatched too
+            il, tl = ([int(il)], [int(tl)]) if form == "unbatched_list" else ((int(il),), (int(tl),))
     for reduction in ("none", "mean"):
         _compare(lp, targets, il, tl, reduction=reduction)
 

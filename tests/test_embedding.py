@@ -91,6 +91,22 @@ def test_cosine_edge_cases(backend):
             )
 
 
+def test_cosine_near_zero_vectors_in_fp64_add_torchs_fp32_epsilon(backend):
+    """torch adds a C++ float 1e-12 to each squared norm: fp64 near-zero vectors see fp32(1e-12) (an exact
+    1e-12 was off by 4e-10 in the loss and 2e-9 in the gradient of a zero vector)."""
+    x1 = torch.full((4, 3), 1e-7, dtype=torch.float64)
+    x1[0] = 0.0
+    x1.requires_grad_()
+    x2 = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64).expand(4, 3)
+    y = torch.tensor([1, 1, -1, 1])
+    for reduction in REDUCTIONS:
+        ours = tl_.cosine_embedding_loss(x1, x2, y, margin=-0.5, reduction=reduction)
+        ref = F.cosine_embedding_loss(x1, x2, y, margin=-0.5, reduction=reduction)
+        budget_close(ours, ref)
+        up = torch.rand_like(ref) + 0.5
+        budget_close(torch.autograd.grad(ours, x1, up)[0], torch.autograd.grad(ref, x1, up)[0])
+
+
 def test_cosine_errors_and_legacy(backend):
     a, b, y = torch.randn(3, 5), torch.randn(3, 5), torch.tensor([1, -1, 1])
     f, g = F.cosine_embedding_loss, tl_.cosine_embedding_loss

@@ -305,6 +305,24 @@ def test_double_backward(monkeypatch):
     torch.autograd.gradgradcheck(lambda a: tl_.multilabel_margin_loss(a, lists, reduction="none"), (x,))
 
 
+def test_create_graph_gradient_at_a_hinge_tie_is_torchs(backend):
+    """A term exactly at the hinge (z == 0) has no gradient in torch's kernels; the differentiable gradient
+    (``create_graph=True``) must agree with them and with the plain backward."""
+    x = torch.tensor([[1.0, 0.0, 2.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    xm = torch.tensor([[1.0, 0.0, 2.0, 1.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64) + 0.1
+    calls = [
+        (x, lambda m: m.multi_margin_loss(x, torch.tensor([0]), reduction="sum")),
+        (x, lambda m: m.multi_margin_loss(x, torch.tensor([0]), weight=w)),
+        (xm, lambda m: m.multilabel_margin_loss(xm, torch.tensor([[3, 0, -1, 1, 2]]), reduction="sum")),
+    ]
+    for inp, call in calls:
+        ref = torch.autograd.grad(call(F), inp)[0]
+        for create_graph in (False, True):
+            ours = torch.autograd.grad(call(tl_), inp, create_graph=create_graph)[0]
+            torch.testing.assert_close(ours, ref, rtol=0, atol=1e-15)
+
+
 @pytest.mark.interpreter
 def test_double_backward_kernels(monkeypatch):
     monkeypatch.setenv("TRITON_LOSSES_BACKEND", "triton")

@@ -106,8 +106,6 @@ def _structure_ok(lp, targets, il, tl_, blank) -> bool:
         return False
     if not (_lengths_ok(il) and _lengths_ok(tl_)) or isinstance(il, Tensor) != isinstance(tl_, Tensor):
         return False
-    if lp.dim() == 2 and not isinstance(il, Tensor):
-        return False  # torch's unbatched form takes tensor lengths only
     if isinstance(blank, bool) or not isinstance(blank, int) or not 0 <= blank < lp.shape[-1]:
         return False
     N = lp.shape[1] if lp.dim() == 3 else 1
@@ -194,7 +192,7 @@ def ctc_loss(
             refuses them).
         targets: padded ``(N, S)`` or concatenated ``(sum(target_lengths),)`` class indices (any
             dtype torch converts to int64); no used target may be outside ``[0, C)`` (IndexError).
-        input_lengths: ``(N,)`` (or ``()`` unbatched) integer tensor, or a list / tuple of ints (batched),
+        input_lengths: ``(N,)`` (or ``()`` unbatched) integer tensor, or a list / tuple of ``N`` ints,
             each in ``[0, T]``.
         target_lengths: the same form, each ``>= 0`` (and ``<= S`` for padded targets).
         blank: the blank class, in ``[0, C)``.

@@ -24,6 +24,7 @@ from torch import nn as _nn
 from . import _dispatch
 from ._checks import FLOAT_DTYPES, reduction_string
 from ._row_autograd import broadcast_shape, delegate, finish, may_fuse, row_coef, scale_fused, torch_grads, upstream
+from .reference.embedding import COSINE_EPS
 
 __all__ = [
     "CosineEmbeddingLoss",
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 _FAMILY = "embedding"
-_EPSILON = 1e-12  # torch's, added to each squared norm in cosine_embedding_loss
+_EPSILON = COSINE_EPS  # torch's (fp32 1e-12), added to each squared norm in cosine_embedding_loss
 
 
 def _same_devices(*ts: torch.Tensor) -> bool:

@@ -151,7 +151,8 @@ def multilabel_soft_margin_loss(
 def _mm_rows(x, y, w, p: int, margin: float):
     """torch's formula (its decomposition), per row."""
     u = x.gather(1, y[:, None])
-    z = (margin - u + x).clamp_min(0)
+    z = margin - u + x
+    z = torch.where(z > 0, z, 0)  # torch's kernels count z > 0 only: a tie (z == 0) has zero gradient
     z = z if p == 1 else z * z
     if w is not None:
         z = z * w[y][:, None]
@@ -272,7 +273,8 @@ def _mlm_rows(x, y):
     listed = cols < end
     u = x.gather(1, torch.where(listed, y, 0))
     is_t = (cols[None, :, None] == torch.where(listed, y, -1)[:, None, :]).any(2)
-    z = (1.0 - u[:, :, None] + x[:, None, :]).clamp_min(0)
+    z = 1.0 - u[:, :, None] + x[:, None, :]
+    z = torch.where(z > 0, z, 0)  # as torch's kernels: z > 0 counts, a tie has zero gradient
     z = torch.where(listed[:, :, None] & ~is_t[:, None, :], z, 0)
     return z.sum((1, 2)) / C
 

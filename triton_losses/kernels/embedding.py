@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference import embedding as _reference
 from ._common import launch_config, on_device, row_block, tl_acc, traced_scale_
 from ._elementwise import joined, split_float
 from .cross_entropy import scale_
@@ -36,7 +37,8 @@ from .cross_entropy import scale_
 __all__ = ["COSINE_EPS", "FUSES_GRAD", "TRACED", "cosine_bwd", "cosine_fwd", "scale_", "triplet_bwd", "triplet_fwd"]
 
 FUSES_GRAD = True
-COSINE_EPS = 1e-12
+COSINE_EPS = _reference.COSINE_EPS
+_COSINE_EPS = tl.constexpr(COSINE_EPS)  # in the data's dtype: fp32(1e-12), and exactly that value in fp64
 
 # The norm of the triplet kernel: NORM=1, NORM=2, NORM=0 (p = inf) and NORM=3 (any other p > 0).
 _NORM_INF, _NORM_ANY = 0, 3
@@ -101,8 +103,8 @@ def _cosine_kernel(
             a2 = _tile(a_ptr, rows, cc, s_ar, s_ac, mk, ACC)
             b2 = _tile(b_ptr, rows, cc, s_br, s_bc, mk, ACC)
             dot, m1, m2 = dot + tl.sum(a2 * b2, 1), m1 + tl.sum(a2 * a2, 1), m2 + tl.sum(b2 * b2, 1)
-    m1 += 1e-12
-    m2 += 1e-12
+    m1 += _COSINE_EPS
+    m2 += _COSINE_EPS
     denom = tl.sqrt(m1 * m2)
     cos = dot / denom
     y = tl.load(y_ptr + rows * s_y, mask=rmask, other=0)

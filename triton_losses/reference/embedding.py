@@ -20,8 +20,9 @@ __all__ = ["COSINE_EPS", "FUSES_GRAD", "cosine_bwd", "cosine_fwd", "scale_", "tr
 
 FUSES_GRAD = True
 
-# torch's EPSILON in cosine_embedding_loss: added to each squared norm before the square root.
-COSINE_EPS = 1e-12
+# torch's EPSILON in cosine_embedding_loss, added to each squared norm before the square root: a C++
+# ``float`` 1e-12 (Loss.cpp), so fp64 data meets 1e-12 rounded to fp32, 9.999999960041972e-13.
+COSINE_EPS = 9.999999960041972e-13
 
 
 # ---- cosine_embedding_loss -------------------------------------------------------------------
