@@ -46,3 +46,26 @@ def test_fullgraph_compile_matches_eager(backend, device):
     (gr,) = torch.autograd.grad(ref, xr)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_cpu_call_with_an_out_of_range_target_raises(backend, device):
+    """No host read while tracing: on the CPU the compiled graph checks the targets itself and raises a
+    ``RuntimeError`` when it runs (torch's compiled ``cross_entropy`` raises one too), not a silent NaN."""
+    if device != "cpu":
+        pytest.skip("CUDA reports a bad target by the kernels' device assert")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, t: tl_.cross_entropy(x, t), fullgraph=True,
+                             backend="aot_eager" if backend == "triton" else "inductor")  # fmt: skip
+    x = torch.randn(4, 7, device=device)
+    torch.testing.assert_close(
+        compiled(x, torch.tensor([0, 6, -100, 3])), F.cross_entropy(x, torch.tensor([0, 6, -100, 3]))
+    )
+    for bad in ([0, 7, 1, 2], [0, -1, 1, 2]):
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            compiled(x, torch.tensor(bad))
+    torch._dynamo.reset()
+    linear = torch.compile(lambda h, w, t: tl_.linear_cross_entropy(h, w, t), fullgraph=True,
+                           backend="aot_eager" if backend == "triton" else "inductor")  # fmt: skip
+    h, w = torch.randn(4, 3, device=device), torch.randn(7, 3, device=device)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        linear(h, w, torch.tensor([0, 7, 1, 2]))

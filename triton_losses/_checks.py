@@ -53,8 +53,12 @@ def check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) 
 
     Needs a host sync, so it runs only where :func:`eager_checks` allows it: always for CPU
     tensors, for CUDA tensors only with ``TRITON_LOSSES_CHECK_TARGETS=1`` (by default a bad target
-    trips the kernels' device assert instead).
+    trips the kernels' device assert instead). CPU tensors under ``torch.compile`` (no host read while
+    tracing): a ``RuntimeError`` when the compiled graph runs, as torch's compiled loss raises one.
     """
+    if target.numel() and _dispatch.tracing() and target.device.type == "cpu":
+        t = target.long()
+        torch._assert_async(~((t != ignore_index) & ((t < 0) | (t >= n_classes))).any(), "Target is out of bounds.")
     if target.numel() == 0 or not eager_checks(target.device):
         return
     t = target.long()
