@@ -757,7 +757,7 @@ def test_many_rows_reduce_in_two_stages(backend, device, monkeypatch, opts, redu
     sum take a first stage of several programs, then the single program sums their partials (deterministic).
     Here the threshold is lowered so 6000 rows take it, with the program cap at its value and at 2 (more
     rows per program)."""
-    from triton_losses.kernels import cross_entropy as k
+    from triton_losses.kernels import _ce_reduce as k
 
     monkeypatch.setattr(k, "SPLIT_STEPS", 1)
     monkeypatch.setattr(k, "SPLIT_PROGRAMS", cap)

@@ -1,4 +1,5 @@
-"""AOT cases of ``kernels/cross_entropy.py``: every flag at the LM launch, every block configuration per dtype."""
+"""AOT cases of ``kernels/cross_entropy.py``, its reductions (``_ce_reduce``) and ``_common``'s gradient scale:
+every flag at the LM launch, every block configuration per dtype."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from itertools import product
 import torch
 import triton.language as tl
 
+from triton_losses.kernels import _ce_reduce as kr
+from triton_losses.kernels import _common as kc
 from triton_losses.kernels import cross_entropy as k
 from triton_losses.kernels._common import launch_config, row_align
 
@@ -61,25 +64,25 @@ def _row_cases(x: str, C: int, B: int, config: tuple, flags: dict, launch: str, 
 def _reduction_cases(x: str):
     """The single-program denominator and 'mean' / 'sum' kernels, and the in-place gradient scale."""
     acc = tl.float64 if x == "fp64" else tl.float32
-    scalars = dict(_scalars(VOCAB), n=ROWS * VOCAB, P=k.SPLIT_PROGRAMS, rows_per=k.SPLIT_STEPS * k._NORM_BLOCK)
+    scalars = dict(_scalars(VOCAB), n=ROWS * VOCAB, P=kr.SPLIT_PROGRAMS, rows_per=kr.SPLIT_STEPS * kr._NORM_BLOCK)
     common = dict(ptrs=dict(_ptrs(x, "i64"), part_ptr=_ptrs(x, "i64")["out_ptr"]), scalars=scalars,
                   launch=f"{ROWS}x{VOCAB}")  # fmt: skip
     for weight, mean, partials in product((False, True), repeat=3):
-        flags = dict(HAS_WEIGHT=weight, PROB_TARGET=False, MEAN=mean, PARTIALS=partials, BLOCK=k._NORM_BLOCK, ACC=acc)
-        yield case(k._ce_norm_kernel, constexprs=flags, num_warps=k._NORM_WARPS, **common)
+        flags = dict(HAS_WEIGHT=weight, PROB_TARGET=False, MEAN=mean, PARTIALS=partials, BLOCK=kr._NORM_BLOCK, ACC=acc)
+        yield case(kr._ce_norm_kernel, constexprs=flags, num_warps=kr._NORM_WARPS, **common)
     # the first stage over many rows: the denominator's (with and without weights) and the loss sum's
     acc_name = common["ptrs"]["out_ptr"]
-    for targets, weight, block, warps in ((True, False, k._NORM_BLOCK, k._NORM_WARPS),
-                                          (True, True, k._NORM_BLOCK, k._NORM_WARPS),
-                                          (False, False, k._FINISH_BLOCK, k._FINISH_WARPS)):  # fmt: skip
+    for targets, weight, block, warps in ((True, False, kr._NORM_BLOCK, kr._NORM_WARPS),
+                                          (True, True, kr._NORM_BLOCK, kr._NORM_WARPS),
+                                          (False, False, kr._FINISH_BLOCK, kr._FINISH_WARPS)):  # fmt: skip
         flags = dict(TARGETS=targets, HAS_WEIGHT=weight, BLOCK=block, ACC=acc)
-        yield case(k._ce_split_sum_kernel, constexprs=flags, num_warps=warps,
+        yield case(kr._ce_split_sum_kernel, constexprs=flags, num_warps=warps,
                    **dict(common, ptrs=dict(common["ptrs"], x_ptr=acc_name)))  # fmt: skip
     for mean, nan in ((False, False), (True, False), (True, True)):
-        flags = dict(MEAN=mean, NAN_IF_ZERO=nan, BLOCK=k._FINISH_BLOCK, ACC=acc)
-        yield case(k._ce_finish_kernel, constexprs=flags, ptrs=dict(_ptrs(x, "i64"), out_ptr=x),
-                   num_warps=k._FINISH_WARPS, **{k_: v for k_, v in common.items() if k_ != "ptrs"})  # fmt: skip
-    yield case(k._scale_kernel, constexprs=dict(BLOCK=k._SCALE_BLOCK, ACC=acc), vector_io=("load", "store"),
+        flags = dict(MEAN=mean, NAN_IF_ZERO=nan, BLOCK=kr._FINISH_BLOCK, ACC=acc)
+        yield case(kr._ce_finish_kernel, constexprs=flags, ptrs=dict(_ptrs(x, "i64"), out_ptr=x),
+                   num_warps=kr._FINISH_WARPS, **{k_: v for k_, v in common.items() if k_ != "ptrs"})  # fmt: skip
+    yield case(kc._scale_kernel, constexprs=dict(BLOCK=kc._SCALE_BLOCK, ACC=acc), vector_io=("load", "store"),
                **dict(common, num_warps=8))  # fmt: skip
 
 

@@ -9,6 +9,7 @@ All offsets are computed in int64, so tensors with more than 2**31 elements are 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -209,6 +210,51 @@ def assert_options(x: torch.Tensor) -> dict:
     ``sanitize_overflow=False``: ``debug`` alone would also add an overflow assert to every int32 operation.
     """
     return dict(debug=True, sanitize_overflow=False) if x.is_cuda else {}
+
+
+# ---- the fused-gradient rescale: every family's ``scale_`` ------------------------------------------
+
+
+@triton.jit
+def _scale_kernel(g_ptr, factor_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """``g *= factor`` in place over ``n`` contiguous elements, grid-stride; returns at once when factor == 1.
+
+    ``g_ptr``: the gradient (n,); ``factor_ptr``: one value of any float dtype, read as ``ACC``.
+    """
+    f = tl.load(factor_ptr).to(ACC)
+    if f != 1.0:
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+            tl.store(g_ptr + offs, (g.to(f.dtype) * f).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+_SCALE_BLOCK = 4096
+_FAKE_SMS = 4  # the interpreter's "SM count", so the grid-stride loop runs on a CPU too
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (read once per device); a fixed 4 off CUDA."""
+    if device.type != "cuda":
+        return _FAKE_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def scale_(g: torch.Tensor, factor: torch.Tensor) -> None:
+    """``g *= factor`` in place; a device-side no-op when ``factor == 1`` (``factor``: one element, any dtype)."""
+    n = g.numel()
+    if not n:
+        return
+    if not g.is_contiguous():
+        g.mul_(factor.reshape(()).to(g.dtype))
+        return
+    programs = min(triton.cdiv(n, _SCALE_BLOCK), 4 * sm_count(g.device))
+    with on_device(g):
+        _scale_kernel[(programs,)](g_ptr=g, factor_ptr=factor, n=n, BLOCK=_SCALE_BLOCK, ACC=tl_acc(g.dtype),
+                                   num_warps=8)  # fmt: skip
 
 
 def traced_scale_(g: torch.Tensor, factor: torch.Tensor) -> None:

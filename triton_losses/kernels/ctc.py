@@ -32,8 +32,14 @@ import triton.language as tl
 from torch import Tensor
 
 from .._precision import acc_dtype
-from ._common import NEG_INF, assert_options, next_pow2, on_device, tl_acc
-from .cross_entropy import scale_
+from ._common import (
+    NEG_INF,
+    assert_options,
+    next_pow2,
+    on_device,
+    scale_,
+    tl_acc,
+)
 
 __all__ = ["FUSES_GRAD", "TRACED", "ctc_bwd", "ctc_fwd", "max_target_length", "scale_"]
 

@@ -63,11 +63,11 @@ from ._common import (
     row_align,
     row_block,
     row_offsets,
+    scale_,  # noqa: F401  (the fused-gradient rescale every family shares)
     tl_acc,
     traced_scale_,
 )
 from ._elementwise import asked, joined, split_float
-from .cross_entropy import scale_  # noqa: F401  (the fused-gradient rescale, shared with cross-entropy)
 
 JSD_MIXTURE = 0  # 0 < beta < 1
 JSD_FORWARD_KL = 1  # beta == 0: KL(target || input)

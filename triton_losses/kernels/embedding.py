@@ -30,9 +30,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import embedding as _reference
-from ._common import launch_config, on_device, row_block, tl_acc, traced_scale_
+from ._common import (
+    launch_config,
+    on_device,
+    row_block,
+    scale_,
+    tl_acc,
+    traced_scale_,
+)
 from ._elementwise import joined, split_float
-from .cross_entropy import scale_
 
 __all__ = ["COSINE_EPS", "FUSES_GRAD", "TRACED", "cosine_bwd", "cosine_fwd", "scale_", "triplet_bwd", "triplet_fwd"]
 

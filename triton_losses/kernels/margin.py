@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..options import MarginOptions
+from ._common import scale_  # noqa: F401  (the fused-gradient rescale every family shares)
 from ._elementwise import (
     fake_grads,
     fake_loss,
@@ -42,7 +43,6 @@ from ._elementwise import (
     tile_coords,
     traced_fused,
 )
-from .cross_entropy import scale_  # noqa: F401  (the fused-gradient rescale, shared with cross-entropy)
 
 FUSES_GRAD = True
 LOSSES = {"soft_margin": 0, "hinge": 1, "ranking": 2}

@@ -32,9 +32,17 @@ import triton.language as tl
 from torch import Tensor
 
 from .._precision import acc_dtype
-from ._common import assert_options, launch_config, next_pow2, on_device, row_block, tl_acc, traced_scale_
+from ._common import (
+    assert_options,
+    launch_config,
+    next_pow2,
+    on_device,
+    row_block,
+    scale_,
+    tl_acc,
+    traced_scale_,
+)
 from ._elementwise import asked, joined, log1p, split_float
-from .cross_entropy import scale_
 
 __all__ = [
     "FUSES_GRAD",

@@ -33,7 +33,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ..options import RegressionOptions
-from ._common import assert_options
+from ._common import (
+    assert_options,
+    scale_,  # noqa: F401  (the fused-gradient rescale every family shares)
+)
 from ._elementwise import (
     fake_grads,
     fake_loss,
@@ -49,7 +52,6 @@ from ._elementwise import (
     tile_coords,
     traced_fused,
 )
-from .cross_entropy import scale_  # noqa: F401  (the fused-gradient rescale, shared with cross-entropy)
 
 FUSES_GRAD = True
 LOSSES = {"l1": 0, "mse": 1, "smooth_l1": 2, "huber": 3, "poisson": 4, "gaussian": 5}
