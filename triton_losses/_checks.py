@@ -48,6 +48,19 @@ def compiling() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def assert_target_range_traced(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """While dynamo traces a CPU call, put the target-range check into the graph (``_assert_async``).
+
+    The compiled graph then raises ``RuntimeError: Target is out of bounds.`` when it runs, as torch's
+    compiled loss does, where the eager check cannot run (no host read while tracing). Keyed on dynamo
+    itself, not on ``_dispatch.tracing``: the interpreter tier patches that one to reach the kernels'
+    device asserts. CUDA tensors rely on the kernels' device assert instead.
+    """
+    if target.numel() and target.device.type == "cpu" and _dispatch.compiling():
+        t = target.long()
+        torch._assert_async(~((t != ignore_index) & ((t < 0) | (t >= n_classes))).any(), "Target is out of bounds.")
+
+
 def check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
     """Raise torch's ``IndexError: Target 5 is out of bounds.`` for the first bad index target.
 
@@ -56,9 +69,7 @@ def check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) 
     trips the kernels' device assert instead). CPU tensors under ``torch.compile`` (no host read while
     tracing): a ``RuntimeError`` when the compiled graph runs, as torch's compiled loss raises one.
     """
-    if target.numel() and _dispatch.tracing() and target.device.type == "cpu":
-        t = target.long()
-        torch._assert_async(~((t != ignore_index) & ((t < 0) | (t >= n_classes))).any(), "Target is out of bounds.")
+    assert_target_range_traced(target, n_classes, ignore_index)
     if target.numel() == 0 or not eager_checks(target.device):
         return
     t = target.long()

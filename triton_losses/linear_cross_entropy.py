@@ -19,7 +19,14 @@ from . import _linear_ce_chunks as chunks
 from . import _linear_ce_composite as composite
 from . import _linear_ce_ops as lce_ops
 from . import parallel as _parallel
-from ._checks import FLOAT_DTYPES, TorchAccepted, autocast_linear, check_target_range, eager_checks, raise_like_torch
+from ._checks import (
+    FLOAT_DTYPES,
+    TorchAccepted,
+    assert_target_range_traced,
+    autocast_linear,
+    eager_checks,
+    raise_like_torch,
+)
 from ._precision import acc_dtype
 from ._reduce import cast, finish_rows, target_weight_sum
 from .options import CESpec
@@ -198,7 +205,7 @@ def _live_rows(t: torch.Tensor, ignore_index: int, C: int) -> tuple[torch.Tensor
     """
     N = t.shape[0]
     if N == 0 or not eager_checks(t.device):
-        check_target_range(t, C, ignore_index)  # traced CPU calls: a check the compiled graph runs
+        assert_target_range_traced(t, C, ignore_index)  # traced CPU calls: a check the compiled graph runs
         return None, N
     tl = t.long()  # compare as int64: a uint8 target must not wrap ignore_index=-100 to 156
     valid = tl != ignore_index
