@@ -69,3 +69,32 @@ def test_compiled_cpu_call_with_an_out_of_range_target_raises(backend, device):
     h, w = torch.randn(4, 3, device=device), torch.randn(7, 3, device=device)
     with pytest.raises(RuntimeError, match="out of bounds"):
         linear(h, w, torch.tensor([0, 7, 1, 2]))
+
+
+_WARNING_CALLS = {  # each warns in eager (legacy arguments, KL's 'mean', softmax's implicit dim, broadcasting)
+    "cross_entropy": lambda x, t, p: tl_.cross_entropy(x, t, size_average=False),
+    "nll_loss": lambda x, t, p: tl_.nll_loss(x.log_softmax(1), t, reduce=False).sum(),
+    "bce_with_logits": lambda x, t, p: tl_.binary_cross_entropy_with_logits(x, p, size_average=False),
+    "kl_div": lambda x, t, p: tl_.nn.KLDivLoss()(x.log_softmax(1), p),
+    "kl_div_legacy": lambda x, t, p: tl_.kl_div(x.log_softmax(1), p, reduce=False).sum(),
+    "mse_loss": lambda x, t, p: tl_.mse_loss(x, p, size_average=False),
+    "mse_broadcast": lambda x, t, p: tl_.mse_loss(x, p[0]),
+    "multilabel_soft_margin": lambda x, t, p: tl_.multilabel_soft_margin_loss(x, p.round(), size_average=False),
+    "softmax": lambda x, t, p: tl_.nn.Softmax()(x)[:, 0].sum(),
+}
+
+
+@pytest.mark.parametrize("served_by", ["torch", "reference"])
+@pytest.mark.parametrize("name", sorted(_WARNING_CALLS))
+def test_calls_that_warn_in_eager_compile_with_fullgraph(name, served_by, request):
+    """Dynamo cannot trace ``warnings.warn`` nor torch's string-valued ``legacy_get_string``: a compiled
+    call skips the warning (torch's own losses warn at trace time); the eager call still warns."""
+    if served_by == "torch":  # the shipped table: small CPU calls go to torch's own function
+        request.getfixturevalue("shipped_torch_faster_below")
+    torch._dynamo.reset()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    t, p = torch.randint(0, 5, (6,)), torch.rand(6, 5, dtype=torch.float64)
+    fn = _WARNING_CALLS[name]
+    with pytest.warns(UserWarning):
+        ref = fn(x, t, p)
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, t, p), ref)

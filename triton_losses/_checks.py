@@ -9,6 +9,7 @@ call our kernels do not model, ``auto`` mode returns torch's result and ``triton
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -19,10 +20,34 @@ from . import _dispatch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def warn(message: str, stacklevel: int) -> None:
+    """``warnings.warn`` from the frame ``stacklevel`` above the caller; nothing while dynamo traces.
+
+    Dynamo cannot trace ``warnings.warn`` (``fullgraph=True`` would fail where torch's own losses
+    compile: dynamo runs those as single in-graph ops, warning at trace time). So a compiled call
+    gives its values without torch's deprecation or broadcast warning; the eager call gives it.
+    """
+    if not torch.compiler.is_compiling():
+        warnings.warn(message, stacklevel=stacklevel + 1)
+
+
+def legacy_reduction(size_average, reduce, emit_warning: bool = True) -> str:
+    """torch's ``_Reduction.legacy_get_string``: the reduction the legacy arguments ask for, and its warning.
+
+    Our own copy of its rule: dynamo traces this one (torch's returns a string from a torch function).
+    """
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    reduction = "mean" if size_average and reduce else "sum" if reduce else "none"
+    if emit_warning:
+        warn(f"size_average and reduce args will be deprecated, please use reduction='{reduction}' instead.", 2)
+    return reduction
+
+
 def reduction_string(size_average, reduce, reduction: str) -> str:
     """torch's mapping of the legacy ``size_average`` / ``reduce`` (with its warning) and its check."""
     if size_average is not None or reduce is not None:
-        reduction = _reduction.legacy_get_string(size_average, reduce)
+        reduction = legacy_reduction(size_average, reduce)
     _reduction.get_enum(reduction)  # ValueError: "<x> is not a valid value for reduction"
     return reduction
 
@@ -167,6 +192,18 @@ def autocast_fp32(*tensors: torch.Tensor | None) -> tuple:
     if not torch.is_autocast_enabled(first.device.type):
         return tensors
     return tuple(t.float() if t is not None and t.dtype in _LOW_PRECISION else t for t in tensors)
+
+
+def autocast_composite(*tensors: torch.Tensor | None) -> bool:
+    """True where torch's function is a composite that autocast meets op by op with 16-bit operands.
+
+    Its value then carries each op's 16-bit rounding (gaussian_nll, multilabel_soft_margin,
+    triplet_margin_with_distance): those calls are torch's own, for the same values.
+    """
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if not ts or not torch.is_autocast_enabled(ts[0].device.type):
+        return False
+    return any(t.dtype in _LOW_PRECISION for t in ts)
 
 
 def autocast_linear(input, weight, bias) -> tuple:

@@ -16,15 +16,13 @@ shape, summed here to each operand's own shape.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from functools import reduce
 
 import torch
-from torch.nn import _reduction
 
 from . import _dispatch
-from ._checks import FLOAT_DTYPES, TorchAccepted, raise_like_torch
+from ._checks import FLOAT_DTYPES, TorchAccepted, legacy_reduction, raise_like_torch, warn
 from ._precision import acc_dtype
 from ._reduce import cast
 
@@ -44,7 +42,7 @@ def delegate(op: str, torch_fn, *args, **kwargs) -> torch.Tensor:
 def silent_reduction(size_average, reduce, reduction) -> str | None:
     """The reduction the legacy arguments map to (no warning yet), or None when torch would reject it."""
     if size_average is not None or reduce is not None:
-        reduction = _reduction.legacy_get_string(size_average, reduce, emit_warning=False)
+        reduction = legacy_reduction(size_average, reduce, emit_warning=False)
     return reduction if reduction in REDUCTIONS else None
 
 
@@ -91,11 +89,11 @@ def promote(*specs: tuple[torch.dtype, bool]) -> torch.dtype:
 def size_warning(input: torch.Tensor, target: torch.Tensor, stacklevel: int) -> None:
     """torch's ``UserWarning`` for a target whose size differs from the input's (it broadcasts)."""
     if target.size() != input.size():
-        warnings.warn(
+        warn(
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
             "This will likely lead to incorrect results due to broadcasting. "
             "Please ensure they have the same size.",
-            stacklevel=stacklevel + 1,
+            stacklevel + 1,
         )
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch import nn as _nn
 
 from . import _dispatch
-from ._checks import FLOAT_DTYPES, TorchAccepted, raise_like_torch, reduction_string
+from ._checks import FLOAT_DTYPES, TorchAccepted, autocast_fp32, raise_like_torch, reduction_string
 from ._precision import acc_dtype
 from ._reduce import cast
 
@@ -206,6 +206,8 @@ def ctc_loss(
         convention of torch's kernels; 0 for ``t >= input_length``).
     """
     reduction = reduction_string(None, None, reduction)
+    if isinstance(log_probs, Tensor) and log_probs.device.type == "cpu":  # on torch's CPU autocast fp32 list only
+        (log_probs,) = autocast_fp32(log_probs)
     torch_args = (log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
     if not _structure_ok(log_probs, targets, input_lengths, target_lengths, blank):
         return _torch_decides(torch_args, log_probs)

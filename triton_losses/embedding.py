@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn as _nn
 
 from . import _dispatch
-from ._checks import FLOAT_DTYPES, reduction_string
+from ._checks import FLOAT_DTYPES, autocast_composite, autocast_fp32, reduction_string
 from ._row_autograd import broadcast_shape, delegate, finish, may_fuse, row_coef, scale_fused, torch_grads, upstream
 from .reference.embedding import COSINE_EPS
 
@@ -37,6 +37,14 @@ __all__ = [
 
 _FAMILY = "embedding"
 _EPSILON = COSINE_EPS  # torch's (fp32 1e-12), added to each squared norm in cosine_embedding_loss
+
+
+def _autocast(*tensors):
+    """torch's autocast policy for cosine_embedding / triplet_margin (on its fp32 list, CPU and CUDA;
+    triplet_margin_with_distance is a composite of other ops, not on it)."""
+    if all(isinstance(t, torch.Tensor) for t in tensors):
+        return autocast_fp32(*tensors)
+    return tensors
 
 
 def _same_devices(*ts: torch.Tensor) -> bool:
@@ -131,6 +139,7 @@ def cosine_embedding_loss(
     if _dispatch.torch_serves("cosine_embedding_loss", input1):  # small CPU calls: torch's own function is faster
         return F.cosine_embedding_loss(input1, input2, target, margin, size_average, reduce, reduction)
     reduction = reduction_string(size_average, reduce, reduction)
+    input1, input2, target = _autocast(input1, input2, target)
     R = _cosine_rows_of(input1, input2, target)
     if R is None:
         args = (input1, input2, target, margin, None, None, reduction)
@@ -248,6 +257,7 @@ def triplet_margin_loss(
     if _dispatch.torch_serves("triplet_margin_loss", anchor):  # small CPU calls: torch's own function is faster
         return F.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, size_average, reduce, reduction)
     reduction = reduction_string(size_average, reduce, reduction)
+    anchor, positive, negative = _autocast(anchor, positive, negative)
     args = (anchor, positive, negative, margin, p, eps, swap, None, None, reduction)
     return _triplet_run("triplet_margin_loss", anchor, positive, negative, margin, p, eps, swap, reduction,
                         lambda: delegate("triplet_margin_loss", F.triplet_margin_loss, args, anchor))  # fmt: skip
@@ -293,6 +303,8 @@ def triplet_margin_with_distance_loss(
         (anchor, positive, negative),
         anchor,
     )
+    if autocast_composite(anchor, positive, negative):
+        return torch_call()
     return _triplet_run("triplet_margin_with_distance_loss", anchor, positive, negative, margin, 2.0, 1e-6, swap,
                         reduction, torch_call)  # fmt: skip
 

@@ -9,14 +9,20 @@ same gradients from differentiable torch ops (second derivatives, as torch suppo
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn as _nn
 from torch.nn import _reduction
 
 from . import _dispatch
-from ._checks import TorchAccepted, all_tensors, autocast_fp32, raise_like_torch, same_float_dtype
+from ._checks import (
+    TorchAccepted,
+    all_tensors,
+    autocast_fp32,
+    legacy_reduction,
+    raise_like_torch,
+    same_float_dtype,
+    warn,
+)
 from ._precision import acc_dtype
 from ._reduce import cast, elementwise_upstream
 
@@ -82,9 +88,9 @@ def _kl_reduction(size_average, reduce, reduction: str) -> tuple[str, bool]:
     """torch's ``kl_div`` reduction handling: ``(elementwise reduction, divide by input.size(0))``."""
     batch = reduction == "batchmean"
     if size_average is not None or reduce is not None:
-        return _reduction.legacy_get_string(size_average, reduce), batch
+        return legacy_reduction(size_average, reduce), batch
     if reduction == "mean":
-        warnings.warn(_MEAN_WARNING, stacklevel=3)
+        warn(_MEAN_WARNING, 3)
     if batch:
         return "sum", True
     _reduction.get_enum(reduction)  # ValueError: "<x> is not a valid value for reduction"

@@ -20,10 +20,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn as _nn
-from torch.nn import _reduction
 
 from . import _dispatch
-from ._checks import FLOAT_DTYPES, reduction_string
+from ._checks import FLOAT_DTYPES, autocast_composite, autocast_fp32, legacy_reduction, reduction_string
 from ._row_autograd import broadcast_shape, delegate, finish, may_fuse, row_coef, scale_fused, torch_grads, upstream
 
 __all__ = [
@@ -88,6 +87,8 @@ def _mlsm_unsupported(input, target, weight, reduction: str) -> bool:
         return True
     if target.dtype == torch.bool or target.is_complex() or target.device != input.device:
         return True
+    if autocast_composite(input, target, weight):
+        return True
     if broadcast_shape(input.shape, target.shape) != input.shape:
         return True
     if weight is not None and broadcast_shape(input.shape, weight.shape) != input.shape:
@@ -98,6 +99,11 @@ def _mlsm_unsupported(input, target, weight, reduction: str) -> bool:
         if weight.requires_grad and torch.is_grad_enabled():
             return True  # torch's composite differentiates the weight too
     return False
+
+
+def _autocast(*tensors):
+    """torch's autocast policy for multi_margin / multilabel_margin: on its fp32 list (CPU and CUDA)."""
+    return autocast_fp32(*tensors) if isinstance(tensors[0], torch.Tensor) else tensors
 
 
 def _rows(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -131,7 +137,7 @@ def multilabel_soft_margin_loss(
     if _dispatch.torch_serves("multilabel_soft_margin_loss", input):  # small CPU calls: torch's own function is faster
         return F.multilabel_soft_margin_loss(input, target, weight, size_average, reduce, reduction)
     if size_average is not None or reduce is not None:
-        reduction = _reduction.legacy_get_string(size_average, reduce)
+        reduction = legacy_reduction(size_average, reduce)
     if _mlsm_unsupported(input, target, weight, reduction):
         args = (input, target, weight, None, None, reduction)
         return delegate("multilabel_soft_margin_loss", F.multilabel_soft_margin_loss, args, input)
@@ -248,6 +254,7 @@ def multi_margin_loss(
     if _dispatch.torch_serves("multi_margin_loss", input):  # small CPU calls: torch's own function is faster
         return F.multi_margin_loss(input, target, p, margin, weight, size_average, reduce, reduction)
     reduction = reduction_string(size_average, reduce, reduction)
+    input, weight = _autocast(input, weight)
     args = (input, target, p, margin, weight, None, None, reduction)
     if _mm_unsupported(input, target, p, weight, reduction):
         return delegate("multi_margin_loss", F.multi_margin_loss, args, input)
@@ -341,6 +348,7 @@ def multilabel_margin_loss(
     if _dispatch.torch_serves("multilabel_margin_loss", input):  # small CPU calls: torch's own function is faster
         return F.multilabel_margin_loss(input, target, size_average, reduce, reduction)
     reduction = reduction_string(size_average, reduce, reduction)
+    (input,) = _autocast(input)
     args = (input, target, None, None, reduction)
     if _mlm_unsupported(input, target, reduction):
         return delegate("multilabel_margin_loss", F.multilabel_margin_loss, args, input)

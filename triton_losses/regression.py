@@ -15,7 +15,7 @@ from torch import nn as _nn
 
 from . import _dispatch
 from . import _elementwise_loss as _ea
-from ._checks import FLOAT_DTYPES, autocast_fp32, eager_checks, reduction_string
+from ._checks import FLOAT_DTYPES, autocast_composite, autocast_fp32, eager_checks, reduction_string
 from ._precision import acc_dtype
 from .options import RegressionOptions
 
@@ -308,6 +308,7 @@ def gaussian_nll_loss(
     v = None if number else _gaussian_var(input, var) if isinstance(var, torch.Tensor) else None
     ok = reduction in _ea.REDUCTIONS and isinstance(eps, (int, float)) and (number or v is not None)
     ok = ok and _ea.modelled(input, target, *([] if number else [v])) and (not number or var >= 0)
+    ok = ok and not autocast_composite(input, target, v)
     if ok and v is not None:
         ok = v.dtype in FLOAT_DTYPES and not (eager_checks(v.device) and bool((v < 0).any()))
     if not ok:

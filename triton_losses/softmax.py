@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn as _nn
 
 from . import _dispatch
-from ._checks import FLOAT_DTYPES, as_3d, autocast_fp32
+from ._checks import FLOAT_DTYPES, as_3d, autocast_fp32, warn
 from ._precision import acc_dtype
 
 __all__ = ["LogSoftmax", "Softmax", "SoftmaxFunction", "log_softmax", "softmax"]
@@ -45,7 +45,12 @@ def _softmax(name: str, torch_fn, input, dim, dtype, log: bool, stacklevel: int)
     if not isinstance(input, torch.Tensor):
         return torch_fn(input, dim, _stacklevel=stacklevel, dtype=dtype)  # raises torch's TypeError
     if dim is None:
-        dim = F._get_softmax_dim(name, input.dim(), stacklevel + 1)
+        warn(
+            f"Implicit dimension choice for {name} has been deprecated. "
+            "Change the call to include dim=X as an argument.",
+            stacklevel,
+        )
+        dim = 0 if input.dim() in (0, 1, 3) else 1  # torch's F._get_softmax_dim rule
     if _dispatch.torch_serves(name, input):  # CPU: torch's own function is faster at every size measured
         return torch_fn(input, dim, dtype=dtype)
     if dtype is not None:
