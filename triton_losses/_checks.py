@@ -44,6 +44,14 @@ def legacy_reduction(size_average, reduce, emit_warning: bool = True) -> str:
     return reduction
 
 
+def plain(numbers=(), bools=()) -> bool:
+    """True when each option is what torch's schema takes as it is: a Python number (``bool`` among
+    them) for a float / Scalar, a Python ``bool`` for a bool. Anything else (a string, None, a numpy
+    scalar, a tensor) goes to torch's function: its ``TypeError``, or its result where it accepts one.
+    """
+    return all(type(v) in (int, float, bool) for v in numbers) and all(type(v) is bool for v in bools)
+
+
 def reduction_string(size_average, reduce, reduction: str) -> str:
     """torch's mapping of the legacy ``size_average`` / ``reduce`` (with its warning) and its check."""
     if size_average is not None or reduce is not None:

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch import nn as _nn
 
 from . import _dispatch
-from ._checks import FLOAT_DTYPES, TorchAccepted, autocast_fp32, raise_like_torch, reduction_string
+from ._checks import FLOAT_DTYPES, TorchAccepted, autocast_fp32, plain, raise_like_torch, reduction_string
 from ._precision import acc_dtype
 from ._reduce import cast
 
@@ -96,7 +96,7 @@ def _lengths_ok(lengths) -> bool:
     return isinstance(lengths, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in lengths)
 
 
-def _structure_ok(lp, targets, il, tl_, blank) -> bool:
+def _structure_ok(lp, targets, il, tl_, blank, zi) -> bool:
     """The checks on metadata alone; a False hands the call to torch (its exception, or its result)."""
     if not isinstance(lp, Tensor) or not isinstance(targets, Tensor):
         return False
@@ -106,7 +106,7 @@ def _structure_ok(lp, targets, il, tl_, blank) -> bool:
         return False
     if not (_lengths_ok(il) and _lengths_ok(tl_)) or isinstance(il, Tensor) != isinstance(tl_, Tensor):
         return False
-    if isinstance(blank, bool) or not isinstance(blank, int) or not 0 <= blank < lp.shape[-1]:
+    if isinstance(blank, bool) or not isinstance(blank, int) or not 0 <= blank < lp.shape[-1] or not plain(bools=(zi,)):
         return False
     N = lp.shape[1] if lp.dim() == 3 else 1
     n_il = il.numel() if isinstance(il, Tensor) else len(il)
@@ -209,7 +209,7 @@ def ctc_loss(
     if isinstance(log_probs, Tensor) and log_probs.device.type == "cpu":  # on torch's CPU autocast fp32 list only
         (log_probs,) = autocast_fp32(log_probs)
     torch_args = (log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
-    if not _structure_ok(log_probs, targets, input_lengths, target_lengths, blank):
+    if not _structure_ok(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity):
         return _torch_decides(torch_args, log_probs)
     batched = log_probs.dim() == 3
     lp = log_probs if batched else log_probs.unsqueeze(1)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn as _nn
 
 from . import _dispatch
-from ._checks import FLOAT_DTYPES, autocast_composite, autocast_fp32, reduction_string
+from ._checks import FLOAT_DTYPES, autocast_composite, autocast_fp32, plain, reduction_string
 from ._row_autograd import broadcast_shape, delegate, finish, may_fuse, row_coef, scale_fused, torch_grads, upstream
 from .reference.embedding import COSINE_EPS
 
@@ -140,7 +140,7 @@ def cosine_embedding_loss(
         return F.cosine_embedding_loss(input1, input2, target, margin, size_average, reduce, reduction)
     reduction = reduction_string(size_average, reduce, reduction)
     input1, input2, target = _autocast(input1, input2, target)
-    R = _cosine_rows_of(input1, input2, target)
+    R = _cosine_rows_of(input1, input2, target) if plain(numbers=(margin,)) else None
     if R is None:
         args = (input1, input2, target, margin, None, None, reduction)
         return delegate("cosine_embedding_loss", F.cosine_embedding_loss, args, input1)
@@ -259,6 +259,8 @@ def triplet_margin_loss(
     reduction = reduction_string(size_average, reduce, reduction)
     anchor, positive, negative = _autocast(anchor, positive, negative)
     args = (anchor, positive, negative, margin, p, eps, swap, None, None, reduction)
+    if not plain(numbers=(margin, p, eps), bools=(swap,)):
+        return delegate("triplet_margin_loss", F.triplet_margin_loss, args, anchor)
     return _triplet_run("triplet_margin_loss", anchor, positive, negative, margin, p, eps, swap, reduction,
                         lambda: delegate("triplet_margin_loss", F.triplet_margin_loss, args, anchor))  # fmt: skip
 
@@ -294,7 +296,7 @@ def triplet_margin_with_distance_loss(
                                                    margin=margin, swap=swap, reduction=reduction)  # fmt: skip
     a_dim, p_dim, n_dim = anchor.ndim, positive.ndim, negative.ndim
     kwargs = dict(distance_function=distance_function, margin=margin, swap=swap, reduction=reduction)
-    valid = reduction in ("mean", "sum", "none") and margin > 0 and a_dim == p_dim == n_dim
+    valid = reduction in ("mean", "sum", "none") and not margin <= 0 and margin > 0 and a_dim == p_dim == n_dim
     if distance_function is not None or not valid:
         return F.triplet_margin_with_distance_loss(anchor, positive, negative, **kwargs)
     torch_call = lambda: delegate(

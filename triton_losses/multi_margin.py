@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn as _nn
 
 from . import _dispatch
-from ._checks import FLOAT_DTYPES, autocast_composite, autocast_fp32, legacy_reduction, reduction_string
+from ._checks import FLOAT_DTYPES, autocast_composite, autocast_fp32, legacy_reduction, plain, reduction_string
 from ._row_autograd import broadcast_shape, delegate, finish, may_fuse, row_coef, scale_fused, torch_grads, upstream
 
 __all__ = [
@@ -256,7 +256,7 @@ def multi_margin_loss(
     reduction = reduction_string(size_average, reduce, reduction)
     input, weight = _autocast(input, weight)
     args = (input, target, p, margin, weight, None, None, reduction)
-    if _mm_unsupported(input, target, p, weight, reduction):
+    if not plain(numbers=(p, margin)) or _mm_unsupported(input, target, p, weight, reduction):
         return delegate("multi_margin_loss", F.multi_margin_loss, args, input)
     C = input.shape[-1] if input.dim() else 1
     y = target.reshape(-1)

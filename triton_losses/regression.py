@@ -15,7 +15,7 @@ from torch import nn as _nn
 
 from . import _dispatch
 from . import _elementwise_loss as _ea
-from ._checks import FLOAT_DTYPES, autocast_composite, autocast_fp32, eager_checks, reduction_string
+from ._checks import FLOAT_DTYPES, autocast_composite, autocast_fp32, eager_checks, plain, reduction_string
 from ._precision import acc_dtype
 from .options import RegressionOptions
 
@@ -254,7 +254,8 @@ def poisson_nll_loss(
     torch_args = (input, target, log_input, full, size_average, eps, reduce, reduction)
     red = _ea.silent_reduction(size_average, reduce, reduction)
     bool_stirling = full and isinstance(target, torch.Tensor) and target.dtype == torch.bool  # torch: its error
-    if red is None or not _ea.modelled(input, target) or not isinstance(eps, (int, float)) or bool_stirling:
+    options = plain(numbers=(eps,), bools=(log_input, full))
+    if red is None or not _ea.modelled(input, target) or not options or bool_stirling:
         return _ea.delegate("poisson_nll_loss", F.poisson_nll_loss, *torch_args)
     red = reduction_string(size_average, reduce, reduction)
     input, target = autocast_fp32(input, target)

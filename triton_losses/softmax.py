@@ -42,7 +42,7 @@ class SoftmaxFunction(torch.autograd.Function):
 
 def _softmax(name: str, torch_fn, input, dim, dtype, log: bool, stacklevel: int):
     """Validate, dispatch and run one call; ``torch_fn`` is torch's functional (for its exact errors)."""
-    if not isinstance(input, torch.Tensor):
+    if not isinstance(input, torch.Tensor) or not (dtype is None or isinstance(dtype, torch.dtype)):
         return torch_fn(input, dim, _stacklevel=stacklevel, dtype=dtype)  # raises torch's TypeError
     if dim is None:
         warn(
